@@ -1,0 +1,60 @@
+# Developer entry points. `make demo` and `make test` work on a fresh Debian
+# machine: they install what is missing (tools/deps.sh) and build first.
+LUA        ?= lua5.4
+CC         ?= gcc
+PG_INCDIR  := $(shell pg_config --includedir 2>/dev/null)
+PG_LIBDIR  := $(shell pg_config --libdir 2>/dev/null)
+LUA_INCDIR ?= /usr/include/lua5.4
+CFLAGS     ?= -O2 -g
+WARN       := -std=c99 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes
+SRC        := $(wildcard src/*.c)
+BUILD      ?= build
+SO         := $(BUILD)/msgbus/core.so
+BUSTED     := busted --lua=$(LUA)
+
+export LUA_PATH  := $(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;$(CURDIR)/spec/?.lua;;
+export LUA_CPATH := $(CURDIR)/$(BUILD)/?.so;;
+
+.PHONY: all deps demo test check lint asan valgrind bench clean
+
+all: $(SO)
+
+$(SO): $(SRC) src/msgbus.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(WARN) -fPIC -shared -I$(LUA_INCDIR) -I$(PG_INCDIR) -o $@ $(SRC) -L$(PG_LIBDIR) -lpq
+
+deps:
+	@sh tools/deps.sh
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	$(LUA) examples/demo.lua
+
+# The whole suite: C warnings under gcc and clang, lint, then every spec.
+test: deps
+	@$(MAKE) --no-print-directory check
+
+check: all lint
+	$(CC) $(WARN) -fsyntax-only -I$(LUA_INCDIR) -I$(PG_INCDIR) $(SRC)
+	clang $(WARN) -fsyntax-only -I$(LUA_INCDIR) -I$(PG_INCDIR) $(SRC)
+	$(LUA) spec/run.lua $(SPECS)
+
+lint:
+	luacheck -q lua spec examples bench
+
+# The specs again with the C core built under AddressSanitizer and UBSan.
+asan:
+	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
+	LUA_CPATH="$(CURDIR)/build-asan/?.so;;" ASAN_OPTIONS=detect_leaks=0 \
+	  LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	  $(LUA) spec/run.lua $(SPECS)
+
+valgrind: all
+	MSGBUS_VALGRIND=1 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
+	  --suppressions=tools/valgrind.supp $(LUA) spec/run.lua $(SPECS)
+
+bench: deps all
+	$(LUA) bench/run.lua
+
+clean:
+	rm -rf build build-asan *.o src/*.o src/*.so msgbus/core.so

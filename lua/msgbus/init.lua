@@ -1,0 +1,523 @@
+-- msgbus: messages between services that each own a PostgreSQL database, carried by
+-- logical replication. This module is the policy layer over the C core: argument
+-- checks, transactions, the listen loop, waiting and reconnecting.
+local core = require "msgbus.core"
+
+local M = {
+  _VERSION = "msgbus scm",
+  null = core.json_null,
+  array_mt = core.json_array_mt,
+}
+
+local SERVICE_PATTERN = "^[a-z][a-z0-9_]*$"
+local SERVICE_MAX = 24
+local TYPE_PATTERN = "^[A-Za-z][A-Za-z0-9_.:-]*$"
+local TYPE_MAX = 63
+local UUID_PATTERN = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
+
+-- Connection defaults that make a dead server show up in seconds, not hours.
+local CONN_DEFAULTS = {
+  application_name = "msgbus",
+  connect_timeout = "10",
+  keepalives = "1",
+  keepalives_idle = "5",
+  keepalives_interval = "2",
+  keepalives_count = "3",
+  tcp_user_timeout = "15000",
+}
+
+local SQL = {
+  send = [[with m as (
+             insert into msgbus.messages (receiver, type, data, reply)
+             values ($1, $2, $3::jsonb, $4::uuid) returning id),
+           w as (insert into msgbus.waits (id) select id from m where $5::boolean)
+           select id from m]],
+  acked = "select msgbus.acked($1::uuid) as acked",
+  claim = "select * from msgbus.claim()",
+  done = "select msgbus.done($1::uuid)",
+  fail = "select msgbus.fail($1::uuid, $2, $3::integer) as dead",
+  take_reply = "select * from msgbus.take_reply($1::uuid)",
+  wait_add = "insert into msgbus.waits (id) values ($1::uuid) on conflict do nothing",
+  wait_del = "delete from msgbus.waits where id = $1::uuid",
+  next_due = [[select extract(epoch from min(available_at) - now())::float8 as due
+               from msgbus.inbox]],
+}
+
+local function fail(msg, code)
+  return nil, "msgbus: " .. msg, code
+end
+
+local function check_service(name, arg, what)
+  if type(name) ~= "string" then
+    error(("msgbus: bad argument #%d (%s: service name expected, got %s)"):format(arg, what, type(name)), 3)
+  end
+  if #name == 0 or #name > SERVICE_MAX or not name:match(SERVICE_PATTERN) then
+    error(("msgbus: bad argument #%d (%s: invalid service name %q: use 1 to %d lowercase letters, digits or _, starting with a letter)")
+      :format(arg, what, name, SERVICE_MAX), 3)
+  end
+  return name
+end
+M.check_service = function(name) return check_service(name, 1, "service") end
+
+local function check_type(t, arg)
+  if type(t) ~= "string" then
+    error(("msgbus: bad argument #%d (message type expected, got %s)"):format(arg, type(t)), 3)
+  end
+  if #t == 0 or #t > TYPE_MAX or not t:match(TYPE_PATTERN) or t:match("^msgbus%.") then
+    error(("msgbus: bad argument #%d (invalid message type %q: use 1 to %d letters, digits or _ . : -, starting with a letter; msgbus.* is reserved)")
+      :format(arg, t, TYPE_MAX), 3)
+  end
+  return t
+end
+
+local function check_uuid(id, arg, what)
+  if type(id) ~= "string" or not id:match(UUID_PATTERN) then
+    error(("msgbus: bad argument #%d (%s: message id expected, got %s)")
+      :format(arg, what, type(id) == "string" and ("%q"):format(id) or type(id)), 3)
+  end
+  return id:lower()
+end
+
+local function check_timeout(t, arg)
+  if t == nil then return nil end
+  if math.type(t) == nil or t ~= t or t < 0 or t == math.huge then
+    error(("msgbus: bad argument #%d (timeout must be a finite number of seconds >= 0)"):format(arg), 3)
+  end
+  return t
+end
+
+-- data must be a table that encodes as a JSON object; returns its JSON text.
+local function encode_data(data, arg)
+  if type(data) ~= "table" then
+    error(("msgbus: bad argument #%d (data must be a table, got %s)"):format(arg, type(data)), 3)
+  end
+  local ok, json = pcall(core.json_encode, data)
+  if not ok then
+    error(("msgbus: bad argument #%d (%s)"):format(arg, tostring(json):gsub("^msgbus: ", "")), 3)
+  end
+  if json:byte(1) ~= 123 then -- '{'
+    error(("msgbus: bad argument #%d (data must be a JSON object, not an array)"):format(arg), 3)
+  end
+  return json
+end
+
+M.encode = core.json_encode
+M.decode = core.json_decode
+
+---------------------------------------------------------------------------
+-- Bus
+---------------------------------------------------------------------------
+
+local Bus = {}
+Bus.__index = Bus
+M.Bus = Bus
+
+local function bus_check(self)
+  if getmetatable(self) ~= Bus then
+    error("msgbus: bad self (msgbus.Bus expected; call methods with ':')", 3)
+  end
+  if self.closed then
+    error("msgbus: bus is closed", 3)
+  end
+  return self
+end
+
+-- Open (or reopen) the connection: LISTEN on this service's channels and prepare
+-- the statements of the message path.
+local function bus_open(self)
+  local conn, err, code = core.connect(self.conninfo, self.conn_extra)
+  if not conn then return nil, err, code end
+  local rows
+  rows, err, code = conn:exec("select msgbus.service() as service")
+  if not rows then
+    conn:close()
+    if code == "3F000" or code == "42883" then
+      return fail("msgbus is not installed in this database (run msgbus.setup.install first)", code)
+    end
+    return nil, err, code
+  end
+  local installed = rows[1].service
+  if not installed then
+    conn:close()
+    return fail("this database has no msgbus service (run msgbus.setup.install first)", "MB004")
+  end
+  if self.service and self.service ~= installed then
+    conn:close()
+    return fail(("this database is the service %q, not %q"):format(installed, self.service), "MB003")
+  end
+  self.service = installed
+  local base = "msgbus_" .. installed
+  self.channels = { inbox = base, ack = base .. "_ack", reply = base .. "_reply" }
+  for _, ch in pairs(self.channels) do
+    local ok
+    ok, err, code = conn:exec("listen " .. conn:escape_identifier(ch))
+    if not ok then conn:close(); return nil, err, code end
+  end
+  for name, sql in pairs(SQL) do
+    local ok
+    ok, err, code = conn:prepare(name, sql)
+    if not ok then conn:close(); return nil, err, code end
+  end
+  self.conn = conn
+  return true
+end
+
+--- msgbus.connect(conninfo [, opts]) -> bus | nil, err, code
+function M.connect(conninfo, opts)
+  if type(conninfo) ~= "string" then
+    error(("msgbus: bad argument #1 to 'connect' (conninfo string expected, got %s)"):format(type(conninfo)), 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("msgbus: bad argument #2 to 'connect' (options table expected)", 2)
+  end
+  opts = opts or {}
+  if opts.service ~= nil then check_service(opts.service, 2, "opts.service") end
+  local max_attempts = opts.max_attempts or 5
+  if math.type(max_attempts) ~= "integer" or max_attempts < 1 then
+    error("msgbus: bad argument #2 to 'connect' (opts.max_attempts must be an integer >= 1)", 2)
+  end
+  local parsed, perr = core.conninfo_parse(conninfo)
+  if not parsed then return nil, perr, "conninfo" end
+  local extra = {}
+  for k, v in pairs(CONN_DEFAULTS) do
+    if parsed[k] == nil then extra[k] = v end
+  end
+  local self = setmetatable({
+    conninfo = conninfo,
+    conn_extra = extra,
+    service = opts.service,
+    max_attempts = max_attempts,
+    max_data_bytes = opts.max_data_bytes or 8 * 1024 * 1024,
+    depth = 0,
+    closed = false,
+  }, Bus)
+  local ok, err, code = bus_open(self)
+  if not ok then return nil, err, code end
+  return self
+end
+
+function Bus:__tostring()
+  if self.closed then return "msgbus.Bus (closed)" end
+  return ("msgbus.Bus (%s)"):format(self.service)
+end
+
+function Bus:close()
+  if getmetatable(self) ~= Bus then error("msgbus: bad self (msgbus.Bus expected)", 2) end
+  if not self.closed then
+    self.closed = true
+    if self.conn then self.conn:close(); self.conn = nil end
+  end
+end
+Bus.__close = Bus.close
+Bus.__gc = Bus.close
+
+-- The live connection, reopened if it was lost. Inside a transaction a lost
+-- connection cannot be replaced: the transaction is gone.
+local function conn_of(self)
+  local conn = self.conn
+  if conn and conn:ok() then return conn end
+  if self.depth > 0 then
+    return fail("the connection was lost inside a transaction; it was rolled back", "closed")
+  end
+  if conn then conn:close(); self.conn = nil end
+  local ok, err, code = bus_open(self)
+  if not ok then return nil, err, code end
+  return self.conn
+end
+
+-- Run a prepared statement of the message path.
+local function run(self, name, ...)
+  local conn, err, code = conn_of(self)
+  if not conn then return nil, err, code end
+  return conn:run(name, ...)
+end
+
+-- Reconnect with backoff until the deadline (nil: forever); for the waiting calls.
+local function reconnect(self, deadline)
+  local delay = 0.05
+  while true do
+    if self.closed then return fail("bus is closed", "closed") end
+    local conn, err, code = conn_of(self)
+    if conn then return conn end
+    local left = deadline and deadline - core.now()
+    if left and left <= 0 then return nil, err, code end
+    core.sleep(left and math.min(delay, left) or delay)
+    delay = math.min(delay * 2, 2)
+  end
+end
+
+--- bus:exec(sql, ...) -> rows, affected | nil, err, code
+function Bus:exec(sql, ...)
+  bus_check(self)
+  if type(sql) ~= "string" then
+    error(("msgbus: bad argument #1 to 'exec' (SQL string expected, got %s)"):format(type(sql)), 2)
+  end
+  local conn, err, code = conn_of(self)
+  if not conn then return nil, err, code end
+  return conn:exec(sql, ...)
+end
+
+local function simple(self, sql)
+  local conn, err, code = conn_of(self)
+  if not conn then return nil, err, code end
+  return conn:exec(sql)
+end
+
+--- bus:transaction(fn, ...) -> fn's results | nil, err
+-- Runs fn(...) in a transaction (a savepoint when nested); commits if it returns,
+-- rolls back if it raises.
+function Bus:transaction(fn, ...)
+  bus_check(self)
+  if type(fn) ~= "function" then
+    error(("msgbus: bad argument #1 to 'transaction' (function expected, got %s)"):format(type(fn)), 2)
+  end
+  local depth = self.depth
+  local sp = "msgbus_sp" .. depth
+  local ok, err, code = simple(self, depth == 0 and "begin" or ("savepoint " .. sp))
+  if not ok then return nil, err, code end
+  self.depth = depth + 1
+  local res = table.pack(xpcall(fn, debug.traceback, ...))
+  self.depth = depth
+  if not res[1] then
+    local msg = tostring(res[2])
+    if self.conn and self.conn:ok() then
+      if depth == 0 then
+        self.conn:exec("rollback")
+      else
+        self.conn:exec("rollback to savepoint " .. sp)
+        self.conn:exec("release savepoint " .. sp)
+      end
+    end
+    return nil, msg, "error"
+  end
+  ok, err, code = simple(self, depth == 0 and "commit" or ("release savepoint " .. sp))
+  if not ok then
+    if depth == 0 and self.conn and self.conn:ok() then self.conn:exec("rollback") end
+    return nil, err, code
+  end
+  if depth == 0 and self.conn:txstatus() ~= "idle" then
+    -- COMMIT of a failed transaction answers ROLLBACK without an error
+    return fail("the transaction failed and was rolled back", "rollback")
+  end
+  return table.unpack(res, 2, res.n)
+end
+
+local function translate(err, code, receiver)
+  if code == "MB001" then
+    return fail(("unknown receiver %q: it is not linked to this service"):format(receiver), code)
+  end
+  return nil, err, code
+end
+
+--- bus:send(receiver, type, data [, opts]) -> id | nil, err, code
+-- opts.await_reply: register now that a wait_reply call will take the reply, so
+-- that a listen handler never gets it.
+function Bus:send(receiver, mtype, data, opts)
+  bus_check(self)
+  check_service(receiver, 1, "receiver")
+  check_type(mtype, 2)
+  local json = encode_data(data, 3)
+  local reply, await = nil, false
+  if opts ~= nil then
+    if type(opts) ~= "table" then error("msgbus: bad argument #4 to 'send' (options table expected)", 2) end
+    if opts.reply ~= nil then reply = check_uuid(opts.reply, 4, "opts.reply") end
+    await = opts.await_reply and true or false
+  end
+  if #json > self.max_data_bytes then
+    return fail(("message data is %d bytes, more than the limit of %d"):format(#json, self.max_data_bytes), "too_large")
+  end
+  if receiver == self.service then
+    return fail(("service %q cannot send to itself"):format(receiver), "MB002")
+  end
+  local rows, err, code = run(self, "send", receiver, mtype, json, reply, await)
+  if not rows then return translate(err, code, receiver) end
+  return rows[1].id
+end
+
+--- bus:reply(msg, type, data) -> id | nil, err, code
+function Bus:reply(msg, mtype, data)
+  bus_check(self)
+  if type(msg) ~= "table" then
+    error(("msgbus: bad argument #1 to 'reply' (message table expected, got %s)"):format(type(msg)), 2)
+  end
+  check_service(msg.sender, 1, "msg.sender")
+  check_uuid(msg.id, 1, "msg.id")
+  return self:send(msg.sender, mtype, data, { reply = msg.id })
+end
+
+-- Wait for something on this bus's channels until the deadline; reconnects (and so
+-- re-listens) if the connection is lost. Returns true, or nil, err, code.
+local function wait_event(self, deadline)
+  local conn, err, code = reconnect(self, deadline)
+  if not conn then return nil, err, code end
+  local left = deadline and math.max(0, deadline - core.now())
+  local got
+  got, err, code = conn:wait(left)
+  if not got then
+    -- lost: the caller re-reads state after reconnecting
+    return reconnect(self, deadline) and true or nil, err, code
+  end
+  return true
+end
+
+local function timed_out(what)
+  return fail(what .. ": timeout", "timeout")
+end
+
+--- bus:wait_ack(id [, timeout]) -> true | nil, err, code
+function Bus:wait_ack(id, timeout)
+  bus_check(self)
+  id = check_uuid(id, 1, "id")
+  timeout = check_timeout(timeout, 2)
+  if self.depth > 0 then
+    error("msgbus: wait_ack cannot be called inside a transaction (the message is not sent until it commits)", 2)
+  end
+  local deadline = timeout and core.now() + timeout
+  while true do
+    local rows, err, code = run(self, "acked", id)
+    if rows then
+      if rows[1].acked then return true end
+    elseif code ~= "closed" and code ~= "connection" then
+      return nil, err, code
+    end
+    if deadline and core.now() >= deadline then
+      return timed_out(("no acknowledgement for %s"):format(id))
+    end
+    local ok
+    ok, err, code = wait_event(self, deadline)
+    if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
+  end
+end
+
+local function to_message(row)
+  row.data = row.data or {}
+  row.available_at, row.pos, row.last_error = nil, nil, row.last_error
+  return row
+end
+
+--- bus:wait_reply(id [, timeout]) -> msg | nil, err, code
+function Bus:wait_reply(id, timeout)
+  bus_check(self)
+  id = check_uuid(id, 1, "id")
+  timeout = check_timeout(timeout, 2)
+  if self.depth > 0 then
+    error("msgbus: wait_reply cannot be called inside a transaction", 2)
+  end
+  local deadline = timeout and core.now() + timeout
+  local registered = false
+  while true do
+    local rows, err, code
+    if not registered then
+      rows, err, code = run(self, "wait_add", id)
+      registered = rows ~= nil
+    end
+    if registered then
+      rows, err, code = run(self, "take_reply", id)
+      if rows and rows[1] then return to_message(rows[1]) end
+    end
+    if not rows and code ~= "closed" and code ~= "connection" then return nil, err, code end
+    if deadline and core.now() >= deadline then
+      run(self, "wait_del", id)
+      return timed_out(("no reply to %s"):format(id))
+    end
+    local ok
+    ok, err, code = wait_event(self, deadline)
+    if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
+  end
+end
+
+-- One message through the handler, in one transaction. Returns "handled", "failed",
+-- "empty", or nil, err, code when the database could not be reached.
+local function listen_once(self, handler)
+  local conn, err, code = conn_of(self)
+  if not conn then return nil, err, code end
+  local ok
+  ok, err, code = conn:exec("begin")
+  if not ok then return nil, err, code end
+  local rows
+  rows, err, code = conn:run("claim")
+  if not rows then conn:exec("rollback"); return nil, err, code end
+  local row = rows[1]
+  if not row then
+    conn:exec("commit")
+    return "empty"
+  end
+  local msg = to_message(row)
+  self.depth = 1
+  local hok, herr = xpcall(handler, debug.traceback, msg)
+  self.depth = 0
+  if hok then
+    rows, err, code = conn:run("done", msg.id)
+    if rows then
+      rows, err, code = conn:exec("commit")
+      if rows and conn:txstatus() == "idle" then return "handled" end
+    end
+    -- the handler's own SQL failed and aborted the transaction, or commit failed
+    herr = err or "the transaction was rolled back"
+  end
+  if conn:ok() then conn:exec("rollback") end
+  if not conn:ok() then return nil, err or tostring(herr), code or "closed" end
+  rows, err, code = conn:run("fail", msg.id, tostring(herr), self.max_attempts)
+  if not rows then return nil, err, code end
+  return "failed"
+end
+
+--- bus:listen(handler [, opts]) -> count | nil, err, code
+-- opts.max: return after that many messages handled; opts.timeout: return after that
+-- many seconds with nothing to do. Without either, runs until the bus is closed.
+function Bus:listen(handler, opts)
+  bus_check(self)
+  if type(handler) ~= "function" then
+    error(("msgbus: bad argument #1 to 'listen' (function expected, got %s)"):format(type(handler)), 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("msgbus: bad argument #2 to 'listen' (options table expected)", 2)
+  end
+  opts = opts or {}
+  local max = opts.max
+  if max ~= nil and (math.type(max) ~= "integer" or max < 1) then
+    error("msgbus: bad argument #2 to 'listen' (opts.max must be an integer >= 1)", 2)
+  end
+  local timeout = check_timeout(opts.timeout, 2)
+  if self.depth > 0 then
+    error("msgbus: listen cannot be called inside a transaction", 2)
+  end
+  local count = 0
+  local idle_deadline = timeout and core.now() + timeout
+  while not self.closed do
+    local what, err, code = listen_once(self, handler)
+    if what == "handled" then
+      count = count + 1
+      if max and count >= max then return count end
+      idle_deadline = timeout and core.now() + timeout
+    elseif what == "failed" then
+      idle_deadline = timeout and core.now() + timeout
+    elseif what == "empty" then
+      if idle_deadline and core.now() >= idle_deadline then return count end
+      -- messages held back for a retry come due without a notification
+      local wait_until = idle_deadline
+      local rows = run(self, "next_due")
+      local due = rows and rows[1] and rows[1].due
+      if due then
+        local at = core.now() + math.max(due, 0.001)
+        if not wait_until or at < wait_until then wait_until = at end
+      end
+      local ok
+      ok, err, code = wait_event(self, wait_until)
+      if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
+    else
+      if code ~= "closed" and code ~= "connection" then return nil, err, code end
+      local ok
+      ok, err, code = reconnect(self, idle_deadline)
+      if not ok then
+        if self.closed then break end
+        return nil, err, code
+      end
+    end
+  end
+  return count
+end
+
+M.setup = require "msgbus.setup"
+
+return M

@@ -1,0 +1,41 @@
+rockspec_format = "3.0"
+package = "msgbus"
+version = "scm-1"
+source = {
+  url = "git+file:///msgbus",
+}
+description = {
+  summary = "Messages between services that each own a PostgreSQL database, over logical replication",
+  detailed = [[
+msgbus lets services that each own a PostgreSQL database send each other messages,
+wait for their acknowledgement, handle them and reply, carried by PostgreSQL's own
+logical replication: no broker and no daemon. A C core over libpq under a Lua API.]],
+  license = "MIT",
+}
+dependencies = {
+  "lua >= 5.4",
+}
+external_dependencies = {
+  LIBPQ = { header = "libpq-fe.h", library = "pq" },
+}
+build = {
+  type = "builtin",
+  modules = {
+    msgbus = "lua/msgbus/init.lua",
+    ["msgbus.setup"] = "lua/msgbus/setup.lua",
+    ["msgbus.cluster"] = "lua/msgbus/cluster.lua",
+    ["msgbus.core"] = {
+      sources = { "src/core.c", "src/conn.c", "src/json.c", "src/util.c" },
+      defines = { "_GNU_SOURCE" },
+      incdirs = { "src", "$(LIBPQ_INCDIR)" },
+      libdirs = { "$(LIBPQ_LIBDIR)" },
+      libraries = { "pq" },
+    },
+  },
+  install = {
+    -- the setup helper finds the schema next to the modules (msgbus/sql/*.sql)
+    lua = {
+      ["msgbus.sql.001_schema"] = "sql/001_schema.sql",
+    },
+  },
+}

@@ -1,0 +1,327 @@
+-- The core promise, end to end over real clusters: send, ack, handle, reply.
+local msgbus = require "msgbus"
+local core = require "msgbus.core"
+local env = require "helpers.env"
+
+local function outbox_count(svc, peer)
+  return env.scalar(svc, "select count(*)::int8 from msgbus.messages where receiver = $1", peer.service)
+end
+
+local function inbox_count(svc)
+  return env.scalar(svc, "select count(*)::int8 from msgbus.inbox")
+end
+
+describe("msgbus between two servers", function()
+  local store, payments, sbus, pbus
+
+  setup(function()
+    store, payments = env.linked({ "store", "pay" }, { "a", "b" })
+    sbus = env.connect(store)
+    pbus = env.connect(payments)
+  end)
+
+  teardown(function()
+    sbus:close()
+    pbus:close()
+  end)
+
+  it("delivers a message, acknowledges it and hands it to the handler", function()
+    local id = assert(sbus:send(payments.service, "charge", { usd = 100, user = 123 }))
+    assert.matches("^%x+%-%x+%-%x+%-%x+%-%x+$", id)
+    assert.is_true(sbus:wait_ack(id, 20))
+    -- acked messages leave the outbox
+    assert.equal(0, outbox_count(store, payments))
+    local got
+    assert.equal(1, pbus:listen(function(m) got = m end, { max = 1, timeout = 20 }))
+    assert.equal(id, got.id)
+    assert.equal("charge", got.type)
+    assert.equal(store.service, got.sender)
+    assert.equal(payments.service, got.receiver)
+    assert.equal(123, got.data.user)
+    assert.equal("integer", math.type(got.data.user))
+    assert.is_string(got.sent_at)
+    assert.is_string(got.received_at)
+    -- consumed messages leave the inbox, and the ack left the receiver's outbox
+    assert.equal(0, inbox_count(payments))
+    assert.equal(0, outbox_count(payments, store))
+  end)
+
+  it("keeps data exactly as sent", function()
+    local data = {
+      big = math.maxinteger, small = math.mininteger, exact = 123456789012345,
+      float = 0.1, third = 1 / 3, whole_float = 2.0, tiny = 5e-324,
+      text = "zürich \0 \"quoted\" \n", list = { 1, "two", { three = 3 } },
+      empty = setmetatable({}, msgbus.array_mt), nested = { a = { b = { c = true } } },
+      null = msgbus.null,
+    }
+    local id = assert(sbus:send(payments.service, "exact", data))
+    local got
+    pbus:listen(function(m) got = m end, { max = 1, timeout = 20 })
+    assert.equal(id, got.id)
+    assert.same(data, got.data)
+    assert.equal("integer", math.type(got.data.big))
+    assert.equal("float", math.type(got.data.whole_float))
+    assert.equal(0, #got.data.empty)
+    assert.equal("[]", msgbus.encode(got.data.empty))
+  end)
+
+  it("wait_ack returns true when the ack came back before the call", function()
+    local id = assert(sbus:send(payments.service, "early", {}))
+    env.wait_until(function() return outbox_count(store, payments) == 0 end, 20, "the ack")
+    assert.is_true(sbus:wait_ack(id, 0))
+    assert.equal(1, pbus:listen(function() end, { max = 1, timeout = 20 }))
+  end)
+
+  it("wait_ack times out while the receiver does not take the message", function()
+    local sub = ("msgbus_%s_to_%s"):format(store.service, payments.service)
+    env.exec(payments, "alter subscription " .. sub .. " disable")
+    local id = assert(sbus:send(payments.service, "held", { n = 1 }))
+    local t0 = core.now()
+    local ok, err, code = sbus:wait_ack(id, 0.3)
+    assert.is_nil(ok)
+    assert.equal("timeout", code)
+    assert.matches("timeout", err)
+    assert.is_true(core.now() - t0 >= 0.3)
+    env.exec(payments, "alter subscription " .. sub .. " enable")
+    assert.is_true(sbus:wait_ack(id, 30))
+    assert.equal(1, pbus:listen(function() end, { max = 1, timeout = 20 }))
+  end)
+
+  it("sends atomically with the service's own writes, and not at all on failure", function()
+    sbus:exec("create table if not exists orders (id serial primary key, total int)")
+    local id = assert(sbus:transaction(function()
+      assert(sbus:exec("insert into orders (total) values ($1)", 42))
+      return assert(sbus:send(payments.service, "order", { total = 42 }))
+    end))
+    assert.is_true(sbus:wait_ack(id, 20))
+
+    local before = env.scalar(store, "select count(*)::int8 from orders")
+    local ok, err = sbus:transaction(function()
+      assert(sbus:exec("insert into orders (total) values ($1)", 7))
+      assert(sbus:send(payments.service, "order", { total = 7 }))
+      error("the order failed")
+    end)
+    assert.is_nil(ok)
+    assert.matches("the order failed", err)
+    assert.equal(before, env.scalar(store, "select count(*)::int8 from orders"))
+    assert.equal(0, outbox_count(store, payments))
+
+    -- only the committed one arrives
+    local seen = {}
+    pbus:listen(function(m) seen[#seen + 1] = m.data.total end, { timeout = 0.5 })
+    assert.same({ 42 }, seen)
+  end)
+
+  it("refuses an unknown receiver with an error naming it, writing nothing", function()
+    local ok, err, code = sbus:send("nobody_here", "x", {})
+    assert.is_nil(ok)
+    assert.equal("MB001", code)
+    assert.matches("nobody_here", err)
+    assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.messages"))
+  end)
+
+  it("rolls back a failing handler, counts the attempt and retries", function()
+    pbus:exec("create table if not exists charges (msg uuid primary key)")
+    local id = assert(sbus:send(payments.service, "flaky", { n = 1 }))
+    local calls = 0
+    local count = pbus:listen(function(m)
+      calls = calls + 1
+      assert(pbus:exec("insert into charges (msg) values ($1)", m.id))
+      if calls == 1 then error("first attempt fails") end
+    end, { max = 1, timeout = 20 })
+    assert.equal(1, count)
+    assert.equal(2, calls)
+    -- the first attempt's insert was rolled back, the second's committed once
+    assert.equal(1, env.scalar(payments, "select count(*)::int8 from charges where msg = $1", id))
+    assert.equal(0, inbox_count(payments))
+  end)
+
+  it("hands messages from one sender over in send order", function()
+    local n = 300
+    assert(sbus:transaction(function()
+      for i = 1, n / 2 do assert(sbus:send(payments.service, "seq", { i = i })) end
+    end))
+    for i = n / 2 + 1, n do assert(sbus:send(payments.service, "seq", { i = i })) end
+    local got = {}
+    pbus:listen(function(m) got[#got + 1] = m.data.i end, { max = n, timeout = 20 })
+    assert.equal(n, #got)
+    for i = 1, n do assert.equal(i, got[i]) end
+  end)
+
+  it("routes a reply to wait_reply, never to a listen handler", function()
+    local id = assert(sbus:send(payments.service, "quote", { item = "book" }, { await_reply = true }))
+    assert.equal(1, pbus:listen(function(m)
+      assert(pbus:reply(m, "quoted", { price = 12.5, item = m.data.item }))
+    end, { max = 1, timeout = 20 }))
+    env.wait_until(function()
+      return env.scalar(store, "select count(*)::int8 from msgbus.inbox where reply = $1", id) == 1
+    end, 20, "the reply")
+    -- a listener running now must not take it
+    assert.equal(0, sbus:listen(function() error("listen got the reply") end, { timeout = 0 }))
+    local r = assert(sbus:wait_reply(id, 20))
+    assert.equal(id, r.reply)
+    assert.equal("quoted", r.type)
+    assert.equal(12.5, r.data.price)
+    assert.equal(payments.service, r.sender)
+    assert.equal(0, inbox_count(store))
+    assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.waits"))
+  end)
+
+  it("wait_reply without await_reply also works, and times out cleanly", function()
+    local id = assert(sbus:send(payments.service, "ping", {}))
+    local ok, _, code = sbus:wait_reply(id, 0.1)
+    assert.is_nil(ok)
+    assert.equal("timeout", code)
+    assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.waits"))
+    pbus:listen(function(m) assert(pbus:reply(m, "pong", {})) end, { max = 1, timeout = 20 })
+    local r = assert(sbus:wait_reply(id, 20))
+    assert.equal("pong", r.type)
+  end)
+
+  it("listen returns after opts.timeout with nothing to do", function()
+    local t0 = core.now()
+    assert.equal(0, pbus:listen(function() end, { timeout = 0.2 }))
+    assert.is_true(core.now() - t0 >= 0.2)
+  end)
+
+  it("ignores a duplicate arrival and acks it again", function()
+    local id = assert(sbus:send(payments.service, "once", { v = 1 }))
+    assert.is_true(sbus:wait_ack(id, 20))
+    assert.equal(1, pbus:listen(function() end, { max = 1, timeout = 20 }))
+    -- the same message put through the slot again, as after a lost slot
+    env.exec(store, [[insert into msgbus.messages (id, sender, receiver, type, data)
+                      values ($1, $2, $3, 'once', '{"v":1}')]], id, store.service, payments.service)
+    assert.is_true(sbus:wait_ack(id, 20))
+    assert.equal(0, pbus:listen(function() error("handled twice") end, { timeout = 0.3 }))
+  end)
+
+  it("dead-letters what it cannot take instead of stopping delivery", function()
+    -- a sender whose schema lets a bad row through (constraint dropped by hand)
+    local outbox = "to_" .. payments.service
+    env.exec(store, "alter table msgbus.messages drop constraint messages_data")
+    env.exec(store, ("insert into msgbus.%s (sender, receiver, type, data) values ($1, $2, 'bad', '[1,2]')")
+      :format(outbox), store.service, payments.service)
+    local id = assert(sbus:send(payments.service, "after_bad", {}))
+    assert.is_true(sbus:wait_ack(id, 20))
+    local got
+    pbus:listen(function(m) got = m.type end, { max = 1, timeout = 20 })
+    assert.equal("after_bad", got)
+    assert.equal("data is not a JSON object",
+      env.scalar(payments, "select reason from msgbus.dead_letters where type = 'bad'"))
+    assert.equal(0, env.scalar(payments, [[select coalesce(sum(apply_error_count), 0)::int8
+                                           from pg_stat_subscription_stats]]))
+    -- the bad row was acknowledged too, so it left the outbox and the check holds again
+    assert.equal(0, outbox_count(store, payments))
+    env.exec(store, "alter table msgbus.messages add constraint messages_data check (jsonb_typeof(data) = 'object')")
+  end)
+end)
+
+describe("msgbus links", function()
+  it("link two databases of one cluster", function()
+    local x, y = env.linked({ "left", "right" }, { "a", "a" })
+    assert.equal(env.scalar(x, "select system_identifier::text from pg_control_system()"),
+                 env.scalar(y, "select system_identifier::text from pg_control_system()"))
+    local xb, yb = env.connect(x), env.connect(y)
+    local id = assert(xb:send(y.service, "hello", { n = 1 }))
+    assert.is_true(xb:wait_ack(id, 20))
+    local got
+    yb:listen(function(m) got = m; assert(yb:reply(m, "hi", {})) end, { max = 1, timeout = 20 })
+    assert.equal(id, got.id)
+    assert.equal("hi", assert(xb:wait_reply(id, 20)).type)
+    xb:close(); yb:close()
+  end)
+
+  it("link a third service to one that already has links, and link again harmlessly", function()
+    local a, b = env.linked({ "hub", "spoke" }, { "a", "b" })
+    local c = env.service("third", "c")
+    assert(msgbus.setup.link(a, c))
+    assert(msgbus.setup.link(a, b)) -- again: no error, still works
+    local ab, bb, cb = env.connect(a), env.connect(b), env.connect(c)
+    local to_b = assert(ab:send(b.service, "m", {}))
+    local to_c = assert(ab:send(c.service, "m", {}))
+    local from_c = assert(cb:send(a.service, "m", {}))
+    assert.is_true(ab:wait_ack(to_b, 30))
+    assert.is_true(ab:wait_ack(to_c, 30))
+    assert.is_true(cb:wait_ack(from_c, 30))
+    assert.equal(1, bb:listen(function() end, { max = 1, timeout = 20 }))
+    assert.equal(1, cb:listen(function() end, { max = 1, timeout = 20 }))
+    assert.equal(1, ab:listen(function() end, { max = 1, timeout = 20 }))
+    ab:close(); bb:close(); cb:close()
+  end)
+
+  it("makes least-privilege replication roles", function()
+    local a, b = env.linked({ "priv", "peer" }, { "a", "b" })
+    local role = ("msgbus_%s_%s"):format(a.service, b.service)
+    local r = env.exec(a, [[select rolsuper, rolreplication, rolcanlogin, rolcreaterole, rolcreatedb
+                            from pg_roles where rolname = $1]], role)[1]
+    assert.same({ rolsuper = false, rolreplication = true, rolcanlogin = true,
+                  rolcreaterole = false, rolcreatedb = false }, r)
+    assert.is_true(env.scalar(a, "select has_table_privilege($1, $2, 'select')", role, "msgbus.to_" .. b.service))
+    assert.is_false(env.scalar(a, "select has_table_privilege($1, 'msgbus.inbox', 'select')", role))
+    assert.is_false(env.scalar(a, "select has_table_privilege($1, 'msgbus.messages', 'insert')", role))
+    -- no clear password in the publisher's catalog: a SCRAM verifier only
+    assert.matches("^SCRAM%-SHA%-256%$", env.scalar(a, "select rolpassword from pg_authid where rolname = $1", role))
+    -- with the peer's real credentials (from the subscriber's catalog): its own
+    -- outbox is readable, another table is not
+    local info = env.scalar(b, "select subconninfo from pg_subscription where subname = $1",
+                            ("msgbus_%s_to_%s"):format(a.service, b.service))
+    local conn = assert(core.connect(info:gsub("application_name='[^']*'", "")))
+    assert(conn:exec("select count(*) from msgbus.to_" .. b.service))
+    local denied, err, code = conn:exec("select count(*) from msgbus.inbox")
+    assert.is_nil(denied)
+    assert.equal("42501", code)
+    assert.matches("permission denied", err)
+    conn:close()
+  end)
+
+  it("unlink refuses while messages are unacked, then removes everything", function()
+    local a, b = env.linked({ "ul", "ur" }, { "a", "b" })
+    local sub = ("msgbus_%s_to_%s"):format(a.service, b.service)
+    env.exec(b, "alter subscription " .. sub .. " disable")
+    local ab = env.connect(a)
+    assert(ab:send(b.service, "pending", {}))
+    local ok, err, code = msgbus.setup.unlink(a, b)
+    assert.is_nil(ok)
+    assert.equal("MB005", code)
+    assert.matches("not acknowledged", err)
+    assert.is_true(msgbus.setup.unlink(a, b, { force = true }))
+    assert.equal(0, env.scalar(a, "select count(*)::int8 from pg_replication_slots where slot_name like $1",
+                               "msgbus_" .. a.service .. "%"))
+    assert.equal(0, env.scalar(b, "select count(*)::int8 from pg_subscription where subname like $1",
+                               "msgbus_" .. a.service .. "%"))
+    assert.equal(0, env.scalar(a, "select count(*)::int8 from pg_roles where rolname = $1",
+                               ("msgbus_%s_%s"):format(a.service, b.service)))
+    local sent, serr, scode = ab:send(b.service, "after", {})
+    assert.is_nil(sent)
+    assert.equal("MB001", scode)
+    assert.matches(b.service, serr)
+    ab:close()
+  end)
+end)
+
+describe("msgbus.setup.install", function()
+  it("is harmless when run again or by two processes at once", function()
+    local c = env.cluster("a")
+    local db = "inst" .. core.random_hex(3)
+    assert(c:createdb(db))
+    local info = c:conninfo(db)
+    local script = ([[package.path = %q; package.cpath = %q
+      local ok, err = require("msgbus").setup.install(%q, %q)
+      io.write(ok and "ok" or tostring(err))]]):format(package.path, package.cpath, info, db)
+    local procs = {}
+    for i = 1, 3 do procs[i] = io.popen("lua5.4 -e " .. ("'%s'"):format(script:gsub("'", "'\\''")), "r") end
+    for i = 1, 3 do
+      assert.equal("ok", procs[i]:read("a"))
+      procs[i]:close()
+    end
+    assert(msgbus.setup.install(info, db))
+    local svc = { conninfo = info }
+    assert.equal(1, env.scalar(svc, "select count(*)::int8 from msgbus.migrations"))
+    assert.equal(db, env.scalar(svc, "select msgbus.service()"))
+    -- a database is one service only
+    local ok, err, code = msgbus.setup.install(info, "other_name")
+    assert.is_nil(ok)
+    assert.equal("MB003", code)
+    assert.matches(db, err)
+  end)
+end)

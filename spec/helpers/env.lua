@@ -1,0 +1,89 @@
+-- Shared test environment: real PostgreSQL clusters started once per busted run
+-- (busted runs with auto-insulate off, so this module is loaded once), and fresh
+-- uniquely named services on them for each test that needs some.
+local cluster = require "msgbus.cluster"
+local core = require "msgbus.core"
+local msgbus = require "msgbus"
+
+local env = {}
+
+local clusters = {}
+local counter = 0
+
+-- Cluster `name` ("a", "b", "c"): each is its own server, so links between them
+-- really cross servers. Started on first use.
+function env.cluster(name, settings)
+  if not clusters[name] then
+    local c, err = cluster.start { name = name, base = os.getenv("MSGBUS_TEST_DIR"), settings = settings }
+    assert(c, err)
+    clusters[name] = c
+  end
+  return clusters[name]
+end
+
+-- A new service with its own database on cluster `where`, msgbus installed.
+-- Returns { service = ..., conninfo = ..., cluster = ... }.
+function env.service(prefix, where)
+  counter = counter + 1
+  local name = ("%s%d_%s"):format(prefix, counter, core.random_hex(2))
+  local c = env.cluster(where or "a")
+  assert(c:createdb(name))
+  local svc = { service = name, conninfo = c:conninfo(name), cluster = c }
+  assert(msgbus.setup.install(svc.conninfo, name))
+  return svc
+end
+
+-- Two (or more) services, each pair linked. `where` lists the clusters, e.g. {"a","b"}.
+function env.linked(prefixes, where)
+  local svcs = {}
+  for i, p in ipairs(prefixes) do
+    svcs[i] = env.service(p, where and where[i] or ({ "a", "b", "c" })[i])
+  end
+  for i = 1, #svcs do
+    for j = i + 1, #svcs do
+      assert(msgbus.setup.link(svcs[i], svcs[j]))
+    end
+  end
+  return table.unpack(svcs)
+end
+
+function env.connect(svc, opts)
+  return assert(msgbus.connect(svc.conninfo, opts))
+end
+
+-- Poll fn until it returns a truthy value or the deadline passes (no blind sleeps).
+function env.wait_until(fn, timeout, what)
+  local deadline = core.now() + (timeout or 20)
+  local delay = 0.005
+  while true do
+    local v = fn()
+    if v then return v end
+    if core.now() > deadline then
+      error(("timed out after %gs waiting for %s"):format(timeout or 20, what or "condition"), 2)
+    end
+    core.sleep(delay)
+    delay = math.min(delay * 2, 0.1)
+  end
+end
+
+-- One value from SQL run as the database's superuser.
+function env.scalar(svc, sql, ...)
+  local conn = assert(core.connect(svc.conninfo))
+  local rows, err = conn:exec(sql, ...)
+  conn:close()
+  assert(rows, err)
+  local row = rows[1]
+  if not row then return nil end
+  local _, v = next(row)
+  return v
+end
+
+function env.exec(svc, sql, ...)
+  local conn = assert(core.connect(svc.conninfo))
+  local rows, err = conn:exec(sql, ...)
+  conn:close()
+  assert(rows, err)
+  return rows
+end
+
+return env
