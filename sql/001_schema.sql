@@ -471,6 +471,26 @@ begin
     end if;
 end $$;
 
+-- Sending from SQL: the same insert bus:send does (a plain INSERT into
+-- msgbus.messages works as well).
+create function msgbus.send(receiver text, type text, data jsonb default '{}', reply uuid default null)
+returns uuid language sql set search_path = pg_catalog, pg_temp as $$
+    insert into msgbus.messages (receiver, type, data, reply) values ($1, $2, $3, $4) returning id
+$$;
+
+-- Reply to inbox message `message` (typically the one this transaction claimed).
+create function msgbus.reply(message uuid, type text, data jsonb default '{}') returns uuid
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    to_whom text;
+begin
+    select sender into to_whom from msgbus.inbox where id = message;
+    if not found then
+        raise exception 'msgbus: message % is not in the inbox', message using errcode = 'MB006';
+    end if;
+    return msgbus.send(to_whom, type, data, message);
+end $$;
+
 -- Functions are callable by PUBLIC unless revoked; only the owner and roles granted
 -- explicitly may use msgbus's.
 revoke all on all functions in schema msgbus from public;
