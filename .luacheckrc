@@ -1,4 +1,4 @@
 std = "lua54"
-max_line_length = 130
+max_line_length = 160
 files["spec"] = { std = "+busted" }
 exclude_files = { "build", "build-asan" }

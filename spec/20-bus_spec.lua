@@ -50,7 +50,7 @@ describe("msgbus between two servers", function()
     local data = {
       big = math.maxinteger, small = math.mininteger, exact = 123456789012345,
       float = 0.1, third = 1 / 3, whole_float = 2.0, tiny = 5e-324,
-      text = "zürich \0 \"quoted\" \n", list = { 1, "two", { three = 3 } },
+      text = "zürich \1 \"quoted\" \n \\u0000", list = { 1, "two", { three = 3 } },
       empty = setmetatable({}, msgbus.array_mt), nested = { a = { b = { c = true } } },
       null = msgbus.null,
     }
@@ -265,7 +265,7 @@ describe("msgbus links", function()
     -- outbox is readable, another table is not
     local info = env.scalar(b, "select subconninfo from pg_subscription where subname = $1",
                             ("msgbus_%s_to_%s"):format(a.service, b.service))
-    local conn = assert(core.connect(info:gsub("application_name='[^']*'", "")))
+    local conn = assert(core.connect((info:gsub("application_name='[^']*'", ""))))
     assert(conn:exec("select count(*) from msgbus.to_" .. b.service))
     local denied, err, code = conn:exec("select count(*) from msgbus.inbox")
     assert.is_nil(denied)

@@ -4,7 +4,11 @@ local args = {}
 for i = 1, #arg do
   args[#args + 1] = "'" .. arg[i]:gsub("'", "'\\''") .. "'"
 end
-local cmd = "busted --lua=lua5.4 -o utfTerminal " .. table.concat(args, " ") .. " 2>&1"
+-- Clusters the specs start live under one folder, removed at the end even when a
+-- spec crashed before it could stop them.
+local dir = io.popen("mktemp -d"):read("l")
+os.execute("chmod 755 '" .. dir .. "'")
+local cmd = ("MSGBUS_TEST_DIR='%s' busted --lua=lua5.4 -o utfTerminal %s 2>&1"):format(dir, table.concat(args, " "))
 local p = assert(io.popen(cmd, "r"))
 local passed, failed, errors
 for line in p:lines() do
@@ -14,6 +18,8 @@ for line in p:lines() do
   if s then passed, failed, errors = tonumber(s), tonumber(f), tonumber(e) end
 end
 local ok, _, status = p:close()
+os.execute(([[for pid in '%s'/*/data/postmaster.pid; do
+  [ -f "$pid" ] && kill -9 "$(head -n 1 "$pid")" 2>/dev/null; done; rm -rf '%s']]):format(dir, dir))
 if not passed then
   print("0 passed, 1 failed")
   print("spec/run.lua: busted printed no summary (exit " .. tostring(status) .. ")")

@@ -98,6 +98,16 @@ local function encode_data(data, arg)
   if json:byte(1) ~= 123 then -- '{'
     error(("msgbus: bad argument #%d (data must be a JSON object, not an array)"):format(arg), 3)
   end
+  -- PostgreSQL's jsonb cannot hold U+0000; say so here rather than in a server error
+  local at = json:find("\\u0000")
+  while at do
+    local slashes = #json:sub(1, at):match("\\*$")
+    if slashes % 2 == 1 then
+      error(("msgbus: bad argument #%d (strings in data cannot contain NUL bytes: PostgreSQL's jsonb cannot store them)")
+        :format(arg), 3)
+    end
+    at = json:find("\\u0000", at + 1)
+  end
   return json
 end
 
@@ -263,7 +273,7 @@ local function simple(self, sql)
   return conn:exec(sql)
 end
 
---- bus:transaction(fn, ...) -> fn's results | nil, err
+--- bus:transaction(fn, ...) -> fn's results (true if none) | nil, err
 -- Runs fn(...) in a transaction (a savepoint when nested); commits if it returns,
 -- rolls back if it raises.
 function Bus:transaction(fn, ...)
@@ -299,6 +309,7 @@ function Bus:transaction(fn, ...)
     -- COMMIT of a failed transaction answers ROLLBACK without an error
     return fail("the transaction failed and was rolled back", "rollback")
   end
+  if res.n == 1 then return true end
   return table.unpack(res, 2, res.n)
 end
 
