@@ -319,7 +319,8 @@ begin
       from msgbus.inbox m
      where m.available_at <= now()
        and (m.reply is null or not exists (select 1 from msgbus.waits w where w.id = m.reply))
-       and not exists (select 1 from msgbus.inbox e where e.sender = m.sender and e.pos < m.pos)
+       -- the oldest of its sender's messages (an index lookup on (sender, pos))
+       and m.pos = (select min(e.pos) from msgbus.inbox e where e.sender = m.sender)
      order by m.pos
      limit 1
        for update skip locked;

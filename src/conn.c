@@ -99,7 +99,7 @@ static int conn_fail_result(lua_State *L, Conn *c, PGresult *res)
 }
 
 /* Lua values become text parameters; tables become JSON. */
-static const char *conn_param(lua_State *L, int idx)
+static const char *conn_param(lua_State *L, int idx, int num)
 {
 	switch (lua_type(L, idx)) {
 	case LUA_TNIL:
@@ -113,7 +113,7 @@ static const char *conn_param(lua_State *L, int idx)
 			char buf[64];
 			double d = lua_tonumber(L, idx);
 			if (d != d || d - d != 0.0)
-				luaL_argerror(L, idx, "NaN and infinity cannot be sent");
+				luaL_error(L, "msgbus: parameter $%d: NaN and infinity cannot be sent", num);
 			snprintf(buf, sizeof buf, "%.17g", d);
 			lua_pushstring(L, buf);
 		}
@@ -132,7 +132,7 @@ static const char *conn_param(lua_State *L, int idx)
 			return NULL; /* the JSON null sentinel */
 		/* fall through */
 	default:
-		luaL_argerror(L, idx, lua_pushfstring(L, "cannot send a %s as a parameter", luaL_typename(L, idx)));
+		luaL_error(L, "msgbus: parameter $%d: cannot send a %s", num, luaL_typename(L, idx));
 		return NULL;
 	}
 }
@@ -145,7 +145,7 @@ static int conn_params(lua_State *L, int first, const char **values)
 		n = 0;
 	luaL_argcheck(L, n <= MAX_PARAMS, first, "too many parameters");
 	for (i = 0; i < n; i++)
-		values[i] = conn_param(L, first + i);
+		values[i] = conn_param(L, first + i, i + 1);
 	return n;
 }
 

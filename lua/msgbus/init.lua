@@ -33,8 +33,6 @@ local SQL = {
            w as (insert into msgbus.waits (id) select id from m where $5::boolean)
            select id from m]],
   acked = "select msgbus.acked($1::uuid) as acked",
-  claim = "select * from msgbus.claim()",
-  done = "select msgbus.done($1::uuid)",
   fail = "select msgbus.fail($1::uuid, $2, $3::integer) as dead",
   take_reply = "select * from msgbus.take_reply($1::uuid)",
   wait_add = "insert into msgbus.waits (id) values ($1::uuid) on conflict do nothing",
@@ -439,15 +437,18 @@ end
 
 -- One message through the handler, in one transaction. Returns "handled", "failed",
 -- "empty", or nil, err, code when the database could not be reached.
+local run_vacuum
+
 local function listen_once(self, handler)
   local conn, err, code = conn_of(self)
   if not conn then return nil, err, code end
-  local ok
-  ok, err, code = conn:exec("begin")
-  if not ok then return nil, err, code end
+  -- two round trips per message: "begin; claim" and "done; commit"
   local rows
-  rows, err, code = conn:run("claim")
-  if not rows then conn:exec("rollback"); return nil, err, code end
+  rows, err, code = conn:script("begin; select * from msgbus.claim()")
+  if not rows then
+    if conn:ok() then conn:exec("rollback") end
+    return nil, err, code
+  end
   local row = rows[1]
   if not row then
     conn:exec("commit")
@@ -458,11 +459,9 @@ local function listen_once(self, handler)
   local hok, herr = xpcall(handler, debug.traceback, msg)
   self.depth = 0
   if hok then
-    rows, err, code = conn:run("done", msg.id)
-    if rows then
-      rows, err, code = conn:exec("commit")
-      if rows and conn:txstatus() == "idle" then return "handled" end
-    end
+    -- the id comes from the database, in canonical form: safe to inline
+    rows, err, code = conn:script(("select msgbus.done('%s'); commit"):format(msg.id))
+    if rows and conn:txstatus() == "idle" then return "handled" end
     -- the handler's own SQL failed and aborted the transaction, or commit failed
     herr = err or "the transaction was rolled back"
   end
@@ -471,6 +470,17 @@ local function listen_once(self, handler)
   rows, err, code = conn:run("fail", msg.id, tostring(herr), self.max_attempts)
   if not rows then return nil, err, code end
   return "failed"
+end
+
+local VACUUM_EVERY = 500
+
+-- Vacuum the inbox, skipping it if another listener is at it; a role that does not
+-- own the table only gets a warning, which is ignored.
+run_vacuum = function(self)
+  local conn = self.conn
+  if conn and conn:ok() and conn:txstatus() == "idle" then
+    conn:exec(("vacuum (skip_locked) msgbus.%s"):format(conn:escape_identifier("to_" .. self.service)))
+  end
 end
 
 --- bus:listen(handler [, opts]) -> count | nil, err, code
@@ -499,11 +509,22 @@ function Bus:listen(handler, opts)
     local what, err, code = listen_once(self, handler)
     if what == "handled" then
       count = count + 1
+      -- Consumed rows leave dead index entries that every claim would step over
+      -- (its scan starts at the oldest position) until a vacuum: keep them few.
+      self.consumed = (self.consumed or 0) + 1
+      if self.consumed >= VACUUM_EVERY then
+        self.consumed = 0
+        run_vacuum(self)
+      end
       if max and count >= max then return count end
       idle_deadline = timeout and core.now() + timeout
     elseif what == "failed" then
       idle_deadline = timeout and core.now() + timeout
     elseif what == "empty" then
+      if (self.consumed or 0) > 0 then
+        self.consumed = 0
+        run_vacuum(self)
+      end
       if idle_deadline and core.now() >= idle_deadline then return count end
       -- messages held back for a retry come due without a notification
       local wait_until = idle_deadline

@@ -1,0 +1,110 @@
+-- Several listening processes, and a large batch: per-message work stays an index
+-- lookup and nothing is left behind.
+local core = require "msgbus.core"
+local env = require "helpers.env"
+
+-- Start a child Lua process running `code` with msgbus on its paths.
+local function spawn(code)
+  local script = ("package.path = %q; package.cpath = %q\n%s"):format(package.path, package.cpath, code)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(script)
+  f:close()
+  return io.popen("lua5.4 " .. path .. " 2>&1; rm -f " .. path, "r")
+end
+
+local function scans(svc)
+  local t = {}
+  for _, r in ipairs(env.exec(svc, [[select relname, seq_scan, coalesce(idx_scan, 0) as idx_scan
+                                     from pg_stat_user_tables where schemaname = 'msgbus']])) do
+    t[r.relname] = r
+  end
+  return t
+end
+
+describe("listen", function()
+  it("shares an inbox between processes: each message once, each sender in order", function()
+    local x, y, hub = env.linked({ "px", "py", "phub" }, { "a", "b", "c" })
+    local hb = env.connect(hub)
+    hb:exec("create table handled (msg uuid primary key, sender text, i int, worker int, seq bigserial)")
+    local n = 200
+    for _, s in ipairs { x, y } do
+      local b = env.connect(s)
+      assert(b:transaction(function()
+        for i = 1, n do assert(b:send(hub.service, "work", { i = i })) end
+      end))
+      b:close()
+    end
+    env.wait_until(function()
+      return env.scalar(hub, "select count(*)::int8 from msgbus.inbox") == 2 * n
+    end, 60, "the messages to arrive")
+    local workers = {}
+    for w = 1, 3 do
+      workers[w] = spawn(([[
+        local msgbus = require "msgbus"
+        local bus = assert(msgbus.connect(%q))
+        local count = assert(bus:listen(function(m)
+          assert(bus:exec("insert into handled (msg, sender, i, worker) values ($1, $2, $3, $4)",
+                          m.id, m.sender, m.data.i, %d))
+        end, { timeout = 1 }))
+        io.write("handled ", count)
+      ]]):format(hub.conninfo, w))
+    end
+    local total = 0
+    for w = 1, 3 do
+      local out = workers[w]:read("a")
+      workers[w]:close()
+      total = total + assert(tonumber(out:match("handled (%d+)")), out)
+    end
+    assert.equal(2 * n, total)
+    assert.equal(2 * n, env.scalar(hub, "select count(*)::int8 from handled"))
+    assert.equal(0, env.scalar(hub, "select count(*)::int8 from msgbus.inbox"))
+    assert.equal(0, env.scalar(hub, "select count(*)::int8 from msgbus.dead_letters"))
+    -- in commit order, each sender's messages were handled 1, 2, 3, ...
+    for _, s in ipairs { x, y } do
+      local rows = env.exec(hub, "select i from handled where sender = $1 order by seq", s.service)
+      assert.equal(n, #rows)
+      for i = 1, n do assert.equal(i, rows[i].i) end
+    end
+    hb:close()
+  end)
+
+  it("moves a batch of 20,000 with index lookups only, leaving nothing behind", function()
+    local s, r = env.linked({ "bs", "br" }, { "a", "b" })
+    local sb, rb = env.connect(s), env.connect(r)
+    local N = 20000
+    local s0, r0 = scans(s), scans(r)
+    local t0 = core.now()
+    assert(sb:transaction(function()
+      for i = 1, N do assert(sb:send(r.service, "batch", { i = i })) end
+    end))
+    local t1 = core.now()
+    env.wait_until(function()
+      return env.scalar(s, "select count(*)::int8 from msgbus.messages") == 0
+    end, 120, "all acks")
+    local t2 = core.now()
+    local got = 0
+    assert.equal(N, rb:listen(function(m)
+      got = got + 1
+      assert(m.data.i == got, "out of order")
+    end, { max = N, timeout = 30 }))
+    local t3 = core.now()
+    print(("\n  20,000 messages: sent in %.2fs, acked and cleaned up %.2fs later, consumed in %.2fs")
+      :format(t1 - t0, t2 - t1, t3 - t2))
+    assert.equal(0, env.scalar(r, "select count(*)::int8 from msgbus.messages"))
+    -- statistics reach pg_stat_user_tables with a delay: wait until the index scans
+    -- of the message path show, then no table may have one sequential scan per message
+    local outbox, inbox = "to_" .. r.service, "to_" .. r.service
+    env.wait_until(function() return scans(s)[outbox].idx_scan - s0[outbox].idx_scan >= N end, 30, "sender stats")
+    env.wait_until(function() return scans(r)[inbox].idx_scan - r0[inbox].idx_scan >= N end, 30, "receiver stats")
+    for _, side in ipairs { { s, s0 }, { r, r0 } } do
+      for name, now in pairs(scans(side[1])) do
+        local before = side[2][name] and side[2][name].seq_scan or 0
+        assert.is_true(now.seq_scan - before < 200,
+          ("%s: %d sequential scans of msgbus.%s"):format(side[1].service, now.seq_scan - before, name))
+      end
+    end
+    sb:close()
+    rb:close()
+  end)
+end)
