@@ -40,7 +40,7 @@ check: all lint
 	$(LUA) spec/run.lua $(SPECS)
 
 lint:
-	luacheck -q lua spec examples bench
+	luacheck -q $(wildcard lua spec examples bench bin)
 
 # The specs again with the C core built under AddressSanitizer and UBSan.
 asan:

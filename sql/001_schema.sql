@@ -222,6 +222,27 @@ begin
         execute format('alter table msgbus.%I enable always trigger arrival', inbox);
         execute format('create view msgbus.inbox as select * from msgbus.%I', inbox);
     end if;
+    perform msgbus.app_role(name);
+end $$;
+
+-- The group role msgbus_<service>_app: what a service's application user needs to
+-- send, consume and reply (grant it to the login role the application uses), without
+-- owning the schema. The protocol functions run as the schema owner.
+create function msgbus.app_role(name text) returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    role constant text := format('msgbus_%s_app', msgbus.check_service(name));
+begin
+    if not exists (select 1 from pg_roles where rolname = role) then
+        execute format('create role %I nologin', role);
+    end if;
+    execute format('grant usage on schema msgbus to %I', role);
+    execute format('grant insert, select (id) on msgbus.messages to %I', role);
+    execute format('grant select on msgbus.inbox, msgbus.dead_letters to %I', role);
+    execute format('grant insert, delete on msgbus.waits to %I', role);
+    execute format('grant execute on function msgbus.service(), msgbus.send(text, text, jsonb, uuid), '
+                   'msgbus.reply(uuid, text, jsonb), msgbus.claim(), msgbus.done(uuid), '
+                   'msgbus.fail(uuid, text, integer), msgbus.take_reply(uuid), msgbus.acked(uuid) to %I', role);
 end $$;
 
 -- The publishing half of a link to `peer`: the outbox partition and its publication.
@@ -491,6 +512,14 @@ begin
     end if;
     return msgbus.send(to_whom, type, data, message);
 end $$;
+
+alter function msgbus.claim() security definer;
+alter function msgbus.done(uuid) security definer;
+alter function msgbus.fail(uuid, text, integer) security definer;
+alter function msgbus.take_reply(uuid) security definer;
+alter function msgbus.acked(uuid) security definer;
+alter function msgbus.reply(uuid, text, jsonb) security definer;
+alter function msgbus.service() security definer;
 
 -- Functions are callable by PUBLIC unless revoked; only the owner and roles granted
 -- explicitly may use msgbus's.

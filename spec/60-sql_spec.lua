@@ -1,0 +1,135 @@
+-- Any SQL client can take part: one service is driven by psql alone (no msgbus Lua
+-- code on its side) and talks both ways with a Lua service.
+local core = require "msgbus.core"
+local env = require "helpers.env"
+
+local function sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- Run SQL through psql as `user` (a login role with a password) on svc's database;
+-- returns the output, or nil and psql's error text.
+local function psql(svc, sql, user, password)
+  local c = svc.cluster
+  local cmd = ("PGPASSWORD=%s psql -X -q -A -t -v ON_ERROR_STOP=1 -h %s -p %d -U %s -d %s -c %s 2>&1")
+    :format(sh(password or ""), c.host, c.port, sh(user or "postgres"), sh(svc.service), sh(sql))
+  local p = io.popen(cmd, "r")
+  local out = p:read("a")
+  local ok = p:close()
+  if not ok then return nil, out end
+  return (out:gsub("%s+$", ""))
+end
+
+describe("the SQL API", function()
+  local sq, lx, bus, app_pw
+
+  setup(function()
+    -- sq: the psql-driven service; lx: a Lua service
+    sq, lx = env.linked({ "sq", "lx" }, { "a", "b" })
+    bus = env.connect(lx)
+    app_pw = core.random_hex(12)
+    -- the application's login role: a member of msgbus_<service>_app, nothing more
+    assert(psql(sq, ("create role sq_app login password '%s'; grant msgbus_%s_app to sq_app")
+      :format(app_pw, sq.service)))
+  end)
+
+  teardown(function() bus:close() end)
+
+  local function as_app(sql) return psql(sq, sql, "sq_app", app_pw) end
+
+  it("delivers a plain INSERT, as in the original design, to a Lua handler", function()
+    local id = assert(as_app(([[insert into msgbus.messages (receiver, type, data)
+      values ('%s', 'charge', '{"usd":100,"user":123,"big":9007199254740993}') returning id]]):format(lx.service)))
+    assert.matches("^%x+%-", id)
+    local got
+    assert.equal(1, bus:listen(function(m) got = m end, { max = 1, timeout = 20 }))
+    assert.equal(id, got.id)
+    assert.equal(sq.service, got.sender)
+    assert.equal(123, got.data.user)
+    assert.equal(9007199254740993, got.data.big)
+    assert.equal("integer", math.type(got.data.big))
+    -- the SQL side sees the ack
+    env.wait_until(function() return as_app(("select msgbus.acked('%s')"):format(id)) == "t" end, 20, "the ack")
+  end)
+
+  it("refuses bad rows at the sender with a clear SQL error", function()
+    local out, err = as_app("insert into msgbus.messages (receiver, type) values ('nobody', 't')")
+    assert.is_nil(out)
+    assert.matches("unknown receiver \"nobody\"", err)
+    out, err = as_app(("insert into msgbus.messages (receiver, type, data) values ('%s', 't', '[1]')"):format(lx.service))
+    assert.is_nil(out)
+    assert.matches("messages_data", err)
+    out, err = as_app(("select msgbus.send('%s', 'bad type!', '{}')"):format(lx.service))
+    assert.is_nil(out)
+    assert.matches("messages_type", err)
+    assert.equal("0", psql(sq, "select count(*) from msgbus.messages"))
+  end)
+
+  it("consumes with claim/done, rolls back a failing consumer, and replies", function()
+    local id = assert(bus:send(sq.service, "quote", { item = "book" }, { await_reply = true }))
+    assert.is_true(bus:wait_ack(id, 20))
+    assert(psql(sq, "create table if not exists quotes (msg uuid primary key, item text); grant insert on quotes to sq_app"))
+    -- a consumer that fails: its insert and its claim roll back, the message stays
+    local out, err = as_app([[
+      begin;
+      insert into quotes select id, data->>'item' from msgbus.claim();
+      select 1/0;
+      commit;]])
+    assert.is_nil(out)
+    assert.matches("division by zero", err)
+    assert.equal("0", psql(sq, "select count(*) from quotes"))
+    assert.equal("1", as_app("select count(*) from msgbus.inbox"))
+    -- a consumer that succeeds: claim, work, reply, done, in one transaction
+    out = assert(as_app([[
+      begin;
+      create temp table m on commit drop as select * from msgbus.claim();
+      insert into quotes select id, data->>'item' from m;
+      select msgbus.reply(id, 'quoted', jsonb_build_object('price', 12.5, 'item', data->>'item')) from m;
+      select msgbus.done(id) from m;
+      commit;]]))
+    assert.equal("1", psql(sq, "select count(*) from quotes"))
+    assert.equal("0", as_app("select count(*) from msgbus.inbox"))
+    local r = assert(bus:wait_reply(id, 20))
+    assert.equal("quoted", r.type)
+    assert.equal(12.5, r.data.price)
+    assert.equal("book", r.data.item)
+    assert.equal(id, r.reply)
+  end)
+
+  it("records failed attempts and dead-letters after max_attempts", function()
+    local id = assert(bus:send(sq.service, "poison", {}))
+    assert.is_true(bus:wait_ack(id, 20))
+    assert.equal("f", as_app(("select msgbus.fail('%s', 'boom 1', 2)"):format(id)))
+    assert.equal("1|boom 1", as_app("select attempts, last_error from msgbus.inbox"))
+    assert.equal("t", as_app(("select msgbus.fail('%s', 'boom 2', 2)"):format(id)))
+    assert.equal("failed|boom 2|2", as_app("select reason, last_error, attempts from msgbus.dead_letters"))
+    assert.equal("0", as_app("select count(*) from msgbus.inbox"))
+  end)
+
+  it("gives the application role no more than the protocol", function()
+    for _, sql in ipairs {
+      "delete from msgbus.dead_letters",
+      "update msgbus.messages set type = 'x'",
+      "drop trigger arrival on msgbus.to_" .. sq.service,
+      "create or replace function msgbus.service() returns text language sql as $$ select 'x' $$",
+      ("select msgbus.add_peer('x')"),
+      ("select msgbus.resend('%s')"):format(lx.service),
+      "select * from msgbus.seen",
+    } do
+      local out, err = as_app(sql)
+      assert.is_nil(out, sql)
+      assert.is_truthy(err:find("permission denied", 1, true) or err:find("must be owner", 1, true), err)
+    end
+  end)
+
+  it("notifies on the documented channels", function()
+    local c = assert(core.connect(sq.conninfo))
+    assert(c:exec("listen msgbus_" .. sq.service))
+    local id = assert(bus:send(sq.service, "note", {}))
+    local got = env.wait_until(function()
+      local n = assert(c:wait(0.2))
+      return n[1]
+    end, 20, "a notification")
+    assert.equal("msgbus_" .. sq.service, got.channel)
+    assert.is_true(bus:wait_ack(id, 20))
+    c:close()
+  end)
+end)
