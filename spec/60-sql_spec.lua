@@ -40,6 +40,12 @@ describe("the SQL API", function()
       values ('%s', 'charge', '{"usd":100,"user":123,"big":9007199254740993}') returning id]]):format(lx.service)))
     assert.matches("^%x+%-", id)
     local got
+    env.wait_until(function()
+      return env.scalar(lx, "select count(*)::int8 from msgbus.inbox") == 1
+    end, 20, "the arrival")
+    -- the seed's latency query, with the columns that exist
+    assert.is_string(env.scalar(lx, [[select msgbus.latency(m)::text from msgbus.messages m
+                                     where receiver = msgbus.service()]]))
     assert.equal(1, bus:listen(function(m) got = m end, { max = 1, timeout = 20 }))
     assert.equal(id, got.id)
     assert.equal(sq.service, got.sender)

@@ -242,7 +242,8 @@ begin
     execute format('grant insert, delete on msgbus.waits to %I', role);
     execute format('grant execute on function msgbus.service(), msgbus.send(text, text, jsonb, uuid), '
                    'msgbus.reply(uuid, text, jsonb), msgbus.claim(), msgbus.done(uuid), '
-                   'msgbus.fail(uuid, text, integer), msgbus.take_reply(uuid), msgbus.acked(uuid) to %I', role);
+                   'msgbus.fail(uuid, text, integer), msgbus.take_reply(uuid), msgbus.acked(uuid), '
+                   'msgbus.latency(msgbus.messages) to %I', role);
 end $$;
 
 -- The publishing half of a link to `peer`: the outbox partition and its publication.
@@ -512,6 +513,13 @@ begin
     end if;
     return msgbus.send(to_whom, type, data, message);
 end $$;
+
+-- How long a message took from its sender's commit to this inbox:
+--   select m.*, msgbus.latency(m) from msgbus.messages m where receiver = msgbus.service();
+create function msgbus.latency(m msgbus.messages) returns interval
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select m.received_at - m.sent_at
+$$;
 
 alter function msgbus.claim() security definer;
 alter function msgbus.done(uuid) security definer;
