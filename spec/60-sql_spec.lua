@@ -84,7 +84,7 @@ describe("the SQL API", function()
     assert.equal("0", psql(sq, "select count(*) from quotes"))
     assert.equal("1", as_app("select count(*) from msgbus.inbox"))
     -- a consumer that succeeds: claim, work, reply, done, in one transaction
-    out = assert(as_app([[
+    assert(as_app([[
       begin;
       create temp table m on commit drop as select * from msgbus.claim();
       insert into quotes select id, data->>'item' from m;
