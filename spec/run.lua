@@ -14,7 +14,7 @@ local passed, failed, errors
 for line in p:lines() do
   io.stdout:write(line, "\n")
   io.stdout:flush()
-  local s, f, e = line:gsub("\27%[[%d;]*m", ""):match("(%d+) successes? / (%d+) failures? / (%d+) errors?")
+  local s, f, e = line:gsub("\27%[[%d;]*m", ""):match("(%d+) success%a* / (%d+) failures? / (%d+) errors?")
   if s then passed, failed, errors = tonumber(s), tonumber(f), tonumber(e) end
 end
 local ok, _, status = p:close()

@@ -23,7 +23,7 @@ end
 local function sql_path(name)
   local dir = os.getenv("MSGBUS_SQL_DIR")
   if dir and dir ~= "" then return dir .. "/" .. name .. ".sql" end
-  local found = package.searchpath("msgbus.sql." .. name, package.path:gsub("%.lua", ".sql"))
+  local found = package.searchpath("msgbus.sql." .. name, (package.path:gsub("%.lua", ".sql")))
   if found then return found end
   local here = debug.getinfo(1, "S").source:match("^@(.*)/msgbus/setup%.lua$")
   if here then return here .. "/../sql/" .. name .. ".sql" end
