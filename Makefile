@@ -42,16 +42,18 @@ check: all lint
 lint:
 	luacheck -q $(wildcard lua spec examples bench bin)
 
-# The specs again with the C core built under AddressSanitizer and UBSan.
+# The specs again with the C core built under AddressSanitizer and UBSan (the
+# sanitizer runtime is preloaded into the Lua process that runs busted).
 asan:
 	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" all
 	LUA_CPATH="$(CURDIR)/build-asan/?.so;;" ASAN_OPTIONS=detect_leaks=0 \
-	  LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	  MSGBUS_RUNNER="env LD_PRELOAD='$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)' $(LUA) /usr/bin/busted --cpath=build-asan/?.so" \
 	  $(LUA) spec/run.lua $(SPECS)
 
+# The specs with the Lua process that loads the C core under valgrind.
 valgrind: all
-	MSGBUS_VALGRIND=1 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
-	  --suppressions=tools/valgrind.supp $(LUA) spec/run.lua $(SPECS)
+	MSGBUS_RUNNER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $(LUA) /usr/bin/busted --cpath=build-asan/?.so" \
+	  $(LUA) spec/run.lua $(SPECS)
 
 bench: deps all
 	$(LUA) bench/run.lua

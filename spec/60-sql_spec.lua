@@ -9,7 +9,7 @@ local function sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 -- returns the output, or nil and psql's error text.
 local function psql(svc, sql, user, password)
   local c = svc.cluster
-  local cmd = ("PGPASSWORD=%s psql -X -q -A -t -v ON_ERROR_STOP=1 -h %s -p %d -U %s -d %s -c %s 2>&1")
+  local cmd = ("unset LD_PRELOAD; PGPASSWORD=%s psql -X -q -A -t -v ON_ERROR_STOP=1 -h %s -p %d -U %s -d %s -c %s 2>&1")
     :format(sh(password or ""), c.host, c.port, sh(user or "postgres"), sh(svc.service), sh(sql))
   local p = io.popen(cmd, "r")
   local out = p:read("a")

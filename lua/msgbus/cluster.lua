@@ -21,7 +21,9 @@ M.shell_quote = shell_quote
 
 -- Runs a shell command; returns success, combined stdout+stderr.
 local function run(cmd)
-  local p = io.popen("( " .. cmd .. " ) 2>&1", "r")
+  -- `make asan` preloads the sanitizer runtime into the Lua process; PostgreSQL's
+  -- programs must not inherit it (postgres -V hangs under it)
+  local p = io.popen("unset LD_PRELOAD; ( " .. cmd .. " ) 2>&1", "r")
   if not p then return false, "could not run: " .. cmd end
   local out = p:read("a")
   local ok = p:close()
@@ -258,7 +260,7 @@ function Cluster:psql(sql, dbname)
   end
   local psql = bindir .. "/psql"
   if not read_file(psql) then psql = "psql" end
-  local cmd = ("PGCONNECT_TIMEOUT=10 %s -X -q -A -t -v ON_ERROR_STOP=1 -d %s -f %s 2>%s"):format(
+  local cmd = ("unset LD_PRELOAD; PGCONNECT_TIMEOUT=10 %s -X -q -A -t -v ON_ERROR_STOP=1 -d %s -f %s 2>%s"):format(
     shell_quote(psql), shell_quote(self:conninfo(dbname)), shell_quote(tmp), shell_quote(errfile))
   local p = io.popen(cmd, "r")
   local out = p and p:read("a")

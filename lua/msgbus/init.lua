@@ -356,15 +356,18 @@ end
 
 -- Wait for something on this bus's channels until the deadline; reconnects (and so
 -- re-listens) if the connection is lost. Returns true, or nil, err, code.
-local function wait_event(self, deadline)
+local RECHECK = 5 -- seconds: re-read state this often even without a notification
+
+local function wait_event(self, deadline, recheck)
   local conn, err, code = reconnect(self, deadline)
   if not conn then return nil, err, code end
   local left = deadline and math.max(0, deadline - core.now())
+  if recheck and (not left or left > recheck) then left = recheck end
   local got
   got, err, code = conn:wait(left)
   if not got then
-    -- lost: the caller re-reads state after reconnecting
-    return reconnect(self, deadline) and true or nil, err, code
+    -- lost: reconnect (which listens again); the caller then re-reads state
+    if not reconnect(self, deadline) then return nil, err, code end
   end
   return true
 end
@@ -393,7 +396,7 @@ function Bus:wait_ack(id, timeout)
       return timed_out(("no acknowledgement for %s"):format(id))
     end
     local ok
-    ok, err, code = wait_event(self, deadline)
+    ok, err, code = wait_event(self, deadline, RECHECK)
     if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
   end
 end
@@ -430,7 +433,7 @@ function Bus:wait_reply(id, timeout)
       return timed_out(("no reply to %s"):format(id))
     end
     local ok
-    ok, err, code = wait_event(self, deadline)
+    ok, err, code = wait_event(self, deadline, RECHECK)
     if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
   end
 end
