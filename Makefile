@@ -40,7 +40,7 @@ check: all lint
 	$(LUA) spec/run.lua $(SPECS)
 
 lint:
-	luacheck -q $(wildcard lua spec examples bench bin)
+	luacheck -q $(wildcard lua spec examples bench bin/msgbus)
 
 # The specs again with the C core built under AddressSanitizer and UBSan (the
 # sanitizer runtime is preloaded into the Lua process that runs busted).

@@ -14,6 +14,7 @@ logical replication: no broker and no daemon. A C core over libpq under a Lua AP
 }
 dependencies = {
   "lua >= 5.4",
+  "argparse",
 }
 external_dependencies = {
   LIBPQ = { header = "libpq-fe.h", library = "pq" },
@@ -24,6 +25,7 @@ build = {
     msgbus = "lua/msgbus/init.lua",
     ["msgbus.setup"] = "lua/msgbus/setup.lua",
     ["msgbus.cluster"] = "lua/msgbus/cluster.lua",
+    ["msgbus.cli"] = "lua/msgbus/cli.lua",
     ["msgbus.core"] = {
       sources = { "src/core.c", "src/conn.c", "src/json.c", "src/util.c" },
       defines = { "_GNU_SOURCE" },
@@ -33,6 +35,7 @@ build = {
     },
   },
   install = {
+    bin = { msgbus = "bin/msgbus" },
     -- the setup helper finds the schema next to the modules (msgbus/sql/*.sql)
     lua = {
       ["msgbus.sql.001_schema"] = "sql/001_schema.sql",
