@@ -52,7 +52,7 @@ asan:
 
 # The specs with the Lua process that loads the C core under valgrind.
 valgrind: all
-	MSGBUS_RUNNER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $(LUA) /usr/bin/busted --cpath=build-asan/?.so" \
+	MSGBUS_RUNNER="valgrind --quiet --error-exitcode=99 --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite $(LUA) /usr/bin/busted" \
 	  $(LUA) spec/run.lua $(SPECS)
 
 bench: deps all

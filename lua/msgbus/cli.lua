@@ -673,10 +673,8 @@ function dev.up(args)
     os.execute("rmdir " .. shell_quote(dir) .. " 2>/dev/null")
     failure(err)
   end
-  -- Keep the servers after this process exits: msgbus.cluster destroys every cluster
-  -- it started when the Lua state closes. It has no detach call yet; a cluster marked
-  -- destroyed is skipped by its exit hook (and by destroy_all).
-  for _, c in ipairs(started) do c._destroyed = true end
+  -- keep the servers after this process exits
+  for _, c in ipairs(started) do c:detach() end
   say("")
   say("state: %s", dev_state_path(dir))
   local width = 0

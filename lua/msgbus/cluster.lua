@@ -362,6 +362,15 @@ function M.start(opts)
   end
 end
 
+-- Keep this cluster running after this process ends: destroy_all and the exit
+-- hook leave it alone (for `msgbus dev up`).
+function Cluster:detach()
+  for i, c in ipairs(registry) do
+    if c == self then table.remove(registry, i) break end
+  end
+  return self
+end
+
 function M.destroy_all()
   local ok, err = true, nil
   for i = #registry, 1, -1 do
