@@ -35,6 +35,8 @@ create table msgbus.messages (
     type text not null,
     data jsonb not null default '{}',
     sent_at timestamptz not null default now(),
+    not_before timestamptz,               -- not handed to a handler before (send's delay)
+    expires_at timestamptz,               -- dead-lettered as "expired" if not handled by then (ttl)
     -- the rest is the receiver's bookkeeping, set by the inbox trigger
     received_at timestamptz,
     pos bigint,                           -- arrival order in the inbox
@@ -166,7 +168,7 @@ begin
 
     new.received_at := now();
     new.pos := nextval('msgbus.inbox_pos');
-    new.available_at := now();
+    new.available_at := greatest(now(), new.not_before);
     new.attempts := 0;
     new.last_error := null;
     perform pg_notify('msgbus_' || me, '');
@@ -216,6 +218,8 @@ begin
         execute format('create index %I on msgbus.%I (pos)', inbox || '_pos', inbox);
         execute format('create index %I on msgbus.%I (sender, pos)', inbox || '_sender_pos', inbox);
         execute format('create index %I on msgbus.%I (reply) where reply is not null', inbox || '_reply', inbox);
+        execute format('create index %I on msgbus.%I (expires_at) where expires_at is not null',
+                       inbox || '_expires_at', inbox);
         execute format('create trigger arrival before insert on msgbus.%I for each row execute function msgbus.on_arrival(%L)',
                        inbox, name);
         -- the apply worker runs with session_replication_role = replica
@@ -336,6 +340,17 @@ end $$;
 create function msgbus.claim() returns setof msgbus.messages
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 begin
+    -- messages past their ttl go to the dead letters first (an index lookup)
+    with gone as (
+        delete from msgbus.inbox
+         where id in (select id from msgbus.inbox
+                       where expires_at < now() for update skip locked)
+        returning *)
+    insert into msgbus.dead_letters (id, reply, sender, receiver, type, data, sent_at, received_at,
+                                     attempts, last_error, reason)
+    select id, reply, sender, receiver, type, data, sent_at, received_at, attempts, last_error, 'expired'
+      from gone
+    on conflict (id) do nothing;
     return query
     select m.*
       from msgbus.inbox m

@@ -28,8 +28,9 @@ local CONN_DEFAULTS = {
 
 local SQL = {
   send = [[with m as (
-             insert into msgbus.messages (receiver, type, data, reply)
-             values ($1, $2, $3::jsonb, $4::uuid) returning id),
+             insert into msgbus.messages (receiver, type, data, reply, not_before, expires_at)
+             values ($1, $2, $3::jsonb, $4::uuid, now() + make_interval(secs => $6::float8),
+                     now() + make_interval(secs => $7::float8)) returning id),
            w as (insert into msgbus.waits (id) select id from m where $5::boolean)
            select id from m]],
   acked = "select msgbus.acked($1::uuid) as acked",
@@ -287,7 +288,9 @@ function Bus:transaction(fn, ...)
   local res = table.pack(xpcall(fn, debug.traceback, ...))
   self.depth = depth
   if not res[1] then
-    local msg = tostring(res[2])
+    -- an error object (a table) is passed back as it is
+    local msg = res[2]
+    if type(msg) ~= "table" then msg = tostring(msg) end
     if self.conn and self.conn:ok() then
       if depth == 0 then
         self.conn:exec("rollback")
@@ -318,29 +321,70 @@ local function translate(err, code, receiver)
   return nil, err, code
 end
 
+local function check_seconds(v, arg, what, positive)
+  if v == nil then return nil end
+  if math.type(v) == nil or v ~= v or v < 0 or v == math.huge or (positive and v == 0) then
+    error(("msgbus: bad argument #%d (%s must be a finite number of seconds %s 0)")
+      :format(arg, what, positive and ">" or ">="), 3)
+  end
+  return v + 0.0
+end
+
+local function send_one(self, receiver, mtype, json, reply, await, delay, ttl)
+  if receiver == self.service then
+    return fail(("service %q cannot send to itself"):format(receiver), "MB002")
+  end
+  local rows, err, code = run(self, "send", receiver, mtype, json, reply, await, delay, ttl)
+  if not rows then return translate(err, code, receiver) end
+  return rows[1].id
+end
+
 --- bus:send(receiver, type, data [, opts]) -> id | nil, err, code
+-- receiver may be an array of service names (a broadcast): one message each, in one
+-- transaction, and the result is the array of their ids.
 -- opts.await_reply: register now that a wait_reply call will take the reply, so
--- that a listen handler never gets it.
+-- that a listen handler never gets it. opts.delay: not handed to a handler before
+-- that many seconds. opts.ttl: moved to the dead letters ("expired") if not handled
+-- within that many seconds.
 function Bus:send(receiver, mtype, data, opts)
   bus_check(self)
-  check_service(receiver, 1, "receiver")
+  local receivers
+  if type(receiver) == "table" then
+    if #receiver == 0 then error("msgbus: bad argument #1 (a broadcast needs at least one receiver)", 2) end
+    receivers = {}
+    for i = 1, #receiver do receivers[i] = check_service(receiver[i], 1, "receiver") end
+  else
+    check_service(receiver, 1, "receiver")
+  end
   check_type(mtype, 2)
   local json = encode_data(data, 3)
-  local reply, await = nil, false
+  local reply, await, delay, ttl = nil, false, nil, nil
   if opts ~= nil then
     if type(opts) ~= "table" then error("msgbus: bad argument #4 to 'send' (options table expected)", 2) end
     if opts.reply ~= nil then reply = check_uuid(opts.reply, 4, "opts.reply") end
     await = opts.await_reply and true or false
+    delay = check_seconds(opts.delay, 4, "opts.delay")
+    ttl = check_seconds(opts.ttl, 4, "opts.ttl", true)
   end
   if #json > self.max_data_bytes then
     return fail(("message data is %d bytes, more than the limit of %d"):format(#json, self.max_data_bytes), "too_large")
   end
-  if receiver == self.service then
-    return fail(("service %q cannot send to itself"):format(receiver), "MB002")
+  if not receivers then
+    return send_one(self, receiver, mtype, json, reply, await, delay, ttl)
   end
-  local rows, err, code = run(self, "send", receiver, mtype, json, reply, await)
-  if not rows then return translate(err, code, receiver) end
-  return rows[1].id
+  local ids = {}
+  local ok, err, code = self:transaction(function()
+    for i, r in ipairs(receivers) do
+      local id, e, c = send_one(self, r, mtype, json, reply, await, delay, ttl)
+      if not id then error({ e, c }) end
+      ids[i] = id
+    end
+  end)
+  if not ok then
+    if type(err) == "table" then return nil, err[1], err[2] end
+    return nil, err, code
+  end
+  return ids
 end
 
 --- bus:reply(msg, type, data) -> id | nil, err, code
@@ -473,6 +517,55 @@ local function listen_once(self, handler)
   rows, err, code = conn:run("fail", msg.id, tostring(herr), self.max_attempts)
   if not rows then return nil, err, code end
   return "failed"
+end
+
+--- Event loops (cqueues, luv, copas): wait until bus:pollfd() is readable, or
+-- bus:timeout() seconds have passed, then call bus:step(handler).
+
+-- bus:pollfd() -> the connection's socket (an integer file descriptor)
+function Bus:pollfd()
+  bus_check(self)
+  local conn, err, code = conn_of(self)
+  if not conn then return nil, err, code end
+  return conn:socket()
+end
+
+-- bus:events() -> "r": the bus only ever waits to read
+function Bus:events()
+  bus_check(self)
+  return "r"
+end
+
+-- bus:timeout() -> seconds until a held-back message (retry, delay) comes due, or nil
+function Bus:timeout()
+  bus_check(self)
+  local rows = run(self, "next_due")
+  local due = rows and rows[1] and rows[1].due
+  if due then return math.max(due, 0) end
+  return nil
+end
+
+-- bus:step(handler [, opts]) -> count | nil, err, code
+-- Takes what arrived on the socket and hands every message available now to
+-- handler, then returns without waiting. opts.max bounds the number handled.
+function Bus:step(handler, opts)
+  bus_check(self)
+  if type(handler) ~= "function" then
+    error(("msgbus: bad argument #1 to 'step' (function expected, got %s)"):format(type(handler)), 2)
+  end
+  local max = opts and opts.max
+  local total = 0
+  while true do
+    local count, err, code = self:listen(handler, { timeout = 0, max = max and max - total })
+    if not count then return nil, err, code end
+    total = total + count
+    if max and total >= max then return total end
+    -- a notification that came in with our own queries' answers is read already and
+    -- will not make the socket readable again: go round once more if there is one
+    local conn = self.conn
+    local notes = conn and conn:ok() and conn:notifications()
+    if not notes or #notes == 0 then return total end
+  end
 end
 
 local VACUUM_EVERY = 500
