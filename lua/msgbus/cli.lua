@@ -842,6 +842,14 @@ end
 ---------------------------------------------------------------------------
 
 --- main(argv) -> exit code
+-- For bus:status(): the same facts as `msgbus status --json`, or nil, err.
+function M.status(bus, max_ack_age)
+  local ok, res = pcall(collect_status, bus, max_ack_age or 60)
+  if ok then return res end
+  if getmetatable(res) == Exit then return nil, res.msg end
+  error(res, 0)
+end
+
 function M.main(argv)
   local p, names = parser()
   local where = p -- the (sub)command being parsed or run, for usage messages

@@ -519,6 +519,17 @@ local function listen_once(self, handler)
   return "failed"
 end
 
+--- bus:status([opts]) -> table | nil, err
+-- The facts `msgbus status --json` prints: per peer the subscription, its worker,
+-- the slot and its WAL, the outbox depth and oldest unacked age; inbox depth, dead
+-- letters, and `healthy` with the `problems` found. opts.max_ack_age (seconds,
+-- default 60) is the age past which an unacked message is a problem.
+function Bus:status(opts)
+  bus_check(self)
+  local max_ack_age = check_seconds(opts and opts.max_ack_age, 1, "opts.max_ack_age")
+  return require("msgbus.cli").status(self, max_ack_age)
+end
+
 --- Event loops (cqueues, luv, copas): wait until bus:pollfd() is readable, or
 -- bus:timeout() seconds have passed, then call bus:step(handler).
 
