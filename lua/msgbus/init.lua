@@ -403,8 +403,11 @@ end
 local RECHECK = 5 -- seconds: re-read state this often even without a notification
 
 local function wait_event(self, deadline, recheck)
+  local before = self.conn
   local conn, err, code = reconnect(self, deadline)
   if not conn then return nil, err, code end
+  -- a new connection may have missed notifications: the caller re-reads state now
+  if conn ~= before then return true end
   local left = deadline and math.max(0, deadline - core.now())
   if recheck and (not left or left > recheck) then left = recheck end
   local got

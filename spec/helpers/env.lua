@@ -12,9 +12,19 @@ local counter = 0
 
 -- Cluster `name` ("a", "b", "c"): each is its own server, so links between them
 -- really cross servers. Started on first use.
+-- Specs never unlink what they link, so one server ends up with many subscriptions,
+-- each an apply worker, a walsender and a slot: room for all of them.
+local LIMITS = {
+  max_connections = "400", max_worker_processes = "200", max_logical_replication_workers = "160",
+  max_wal_senders = "160", max_replication_slots = "160",
+}
+
 function env.cluster(name, settings)
   if not clusters[name] then
-    local c, err = cluster.start { name = name, base = os.getenv("MSGBUS_TEST_DIR"), settings = settings }
+    local all = {}
+    for k, v in pairs(LIMITS) do all[k] = v end
+    for k, v in pairs(settings or {}) do all[k] = v end
+    local c, err = cluster.start { name = name, base = os.getenv("MSGBUS_TEST_DIR"), settings = all }
     assert(c, err)
     clusters[name] = c
   end
