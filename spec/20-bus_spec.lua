@@ -87,6 +87,38 @@ describe("msgbus between two servers", function()
     assert.equal(1, pbus:listen(function() end, { max = 1, timeout = 20 }))
   end)
 
+  it("counts an ack that arrived before its message was visible, and settles it later", function()
+    -- the race: the peer's ack is applied here before the sending transaction is
+    -- visible to the apply worker; replayed by hand as the apply worker would run it
+    local sub = ("msgbus_%s_to_%s"):format(store.service, payments.service)
+    env.exec(payments, "alter subscription " .. sub .. " disable")
+    local early = env.scalar(store, "select gen_random_uuid()::text")
+    local function apply_ack(id)
+      local c = assert(core.connect(store.conninfo))
+      assert(c:exec("begin"))
+      assert(c:exec("set local session_replication_role = replica"))
+      assert(c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply) values ($1, $2, 'msgbus.ack', $3)")
+        :format(store.service), payments.service, store.service, id))
+      assert(c:exec("commit"))
+      c:close()
+    end
+    apply_ack(early)
+    assert.equal(1, env.scalar(store, "select count(*)::int8 from msgbus.early_acks where id = $1", early))
+    -- now the message itself becomes visible in the outbox
+    env.exec(store, [[insert into msgbus.messages (id, receiver, type, data) values ($1, $2, 'early', '{}')]],
+             early, payments.service)
+    assert.is_true(sbus:wait_ack(early, 0))
+    assert.equal(1, outbox_count(store, payments))
+    -- the next ack to arrive removes both
+    local other = assert(sbus:send(payments.service, "other", {}))
+    apply_ack(other)
+    assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.early_acks"))
+    assert.equal(0, outbox_count(store, payments))
+    env.exec(payments, "alter subscription " .. sub .. " enable")
+    -- "other" really travels now; take it so the next tests start clean
+    assert.equal(1, pbus:listen(function(m) assert(m.id == other) end, { max = 1, timeout = 20 }))
+  end)
+
   it("sends atomically with the service's own writes, and not at all on failure", function()
     sbus:exec("create table if not exists orders (id serial primary key, total int)")
     local id = assert(sbus:transaction(function()

@@ -65,6 +65,16 @@ create table msgbus.seen (
 );
 create index seen_received_at on msgbus.seen using brin (received_at);
 
+-- Acks that arrived before the message they acknowledge was visible here. Logical
+-- decoding sends a transaction once its commit record is flushed, a moment before
+-- other sessions see it, so a fast peer's ack can find nothing to delete. The message
+-- counts as acknowledged; the next ack that arrives (or msgbus.prune) removes both.
+create table msgbus.early_acks (
+    id uuid primary key,
+    receiver text not null,
+    at timestamptz not null default now()
+);
+
 -- Replies that a wait_reply call is waiting for: listen does not hand them out.
 create table msgbus.waits (
     id uuid primary key,
@@ -99,6 +109,23 @@ end $$;
 create trigger unrouted before insert on msgbus.unrouted
     for each row execute function msgbus.on_unrouted();
 
+-- Delete the messages whose ack came early (see msgbus.early_acks) and forget those
+-- acks; an early ack whose message is not in the outbox after a minute was for a
+-- message this service never had (or already removed).
+create function msgbus.settle_early_acks() returns bigint
+language plpgsql set search_path = pg_catalog, pg_temp set enable_seqscan = off set jit = off as $$
+declare
+    n bigint;
+begin
+    with settled as (
+        delete from msgbus.messages m using msgbus.early_acks e
+         where m.id = e.id and m.receiver = e.receiver
+        returning m.id)
+    delete from msgbus.early_acks e where e.id in (select id from settled) or e.at < now() - interval '1 minute';
+    get diagnostics n = row_count;
+    return n;
+end $$;
+
 -- Everything that arrives in the inbox. It runs in the apply worker, where an error
 -- would stop all delivery from the sender: it must not raise for anything a sender
 -- could have written, so what fails validation goes to the dead letters instead.
@@ -125,6 +152,12 @@ begin
 
     if new.type = 'msgbus.ack' then
         delete from msgbus.messages where id = new.reply and receiver = new.sender;
+        if not found then
+            insert into msgbus.early_acks (id, receiver) values (new.reply, new.sender)
+            on conflict (id) do nothing;
+        elsif exists (select 1 from msgbus.early_acks) then
+            perform msgbus.settle_early_acks();
+        end if;
         perform pg_notify('msgbus_' || me || '_ack', '');
         return null;
     end if;
@@ -220,6 +253,7 @@ begin
         execute format('create index %I on msgbus.%I (reply) where reply is not null', inbox || '_reply', inbox);
         execute format('create index %I on msgbus.%I (expires_at) where expires_at is not null',
                        inbox || '_expires_at', inbox);
+        execute format('create index %I on msgbus.%I (available_at)', inbox || '_available_at', inbox);
         execute format('create trigger arrival before insert on msgbus.%I for each row execute function msgbus.on_arrival(%L)',
                        inbox, name);
         -- the apply worker runs with session_replication_role = replica
@@ -247,7 +281,7 @@ begin
     execute format('grant execute on function msgbus.service(), msgbus.send(text, text, jsonb, uuid), '
                    'msgbus.reply(uuid, text, jsonb), msgbus.claim(), msgbus.done(uuid), '
                    'msgbus.fail(uuid, text, integer), msgbus.take_reply(uuid), msgbus.acked(uuid), '
-                   'msgbus.latency(msgbus.messages) to %I', role);
+                   'msgbus.latency(msgbus.messages), msgbus.next_due() to %I', role);
 end $$;
 
 -- The publishing half of a link to `peer`: the outbox partition and its publication.
@@ -286,6 +320,7 @@ declare
     pending bigint := 0;
 begin
     if to_regclass(format('msgbus.%I', outbox)) is not null then
+        perform msgbus.settle_early_acks();
         execute format('select count(*) from msgbus.%I', outbox) into pending;
         if pending > 0 and not force then
             raise exception 'msgbus: % message(s) to "%" are not acknowledged yet', pending, peer
@@ -309,6 +344,7 @@ declare
 begin
     -- delete and insert again in two statements: a copy of a row is only published
     -- when it is inserted, and a unique check must not see the old row
+    perform msgbus.settle_early_acks();
     execute format('create temp table msgbus_resend on commit drop as select * from msgbus.%I', outbox);
     execute format('delete from msgbus.%I', outbox);
     execute format('insert into msgbus.%I select * from msgbus_resend order by sent_at', outbox);
@@ -323,6 +359,7 @@ language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
     n bigint;
 begin
+    perform msgbus.settle_early_acks();
     delete from msgbus.seen s
      where s.received_at < now() - (select dedup_retention from msgbus.config)
        and not exists (select 1 from msgbus.inbox i where i.id = s.id);
@@ -339,18 +376,19 @@ end $$;
 -- consumers can share an inbox without breaking any sender's order.
 create function msgbus.claim() returns setof msgbus.messages
 language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    gone record;
 begin
-    -- messages past their ttl go to the dead letters first (an index lookup)
-    with gone as (
-        delete from msgbus.inbox
-         where id in (select id from msgbus.inbox
-                       where expires_at < now() for update skip locked)
-        returning *)
-    insert into msgbus.dead_letters (id, reply, sender, receiver, type, data, sent_at, received_at,
-                                     attempts, last_error, reason)
-    select id, reply, sender, receiver, type, data, sent_at, received_at, attempts, last_error, 'expired'
-      from gone
-    on conflict (id) do nothing;
+    -- messages past their ttl go to the dead letters first (the partial index on
+    -- expires_at holds only messages sent with a ttl)
+    for gone in select * from msgbus.inbox where expires_at < now() for update skip locked loop
+        delete from msgbus.inbox where id = gone.id;
+        insert into msgbus.dead_letters (id, reply, sender, receiver, type, data, sent_at, received_at,
+                                         attempts, last_error, reason)
+        values (gone.id, gone.reply, gone.sender, gone.receiver, gone.type, gone.data, gone.sent_at,
+                gone.received_at, gone.attempts, gone.last_error, 'expired')
+        on conflict (id) do nothing;
+    end loop;
     return query
     select m.*
       from msgbus.inbox m
@@ -413,10 +451,19 @@ end $$;
 -- leave the outbox, so any id not in an outbox counts as acknowledged.
 create function msgbus.acked(message uuid) returns boolean
 language sql stable set search_path = pg_catalog, pg_temp as $$
-    select not exists (
+    select exists (select 1 from msgbus.early_acks e where e.id = message)
+        or not exists (
         select 1 from msgbus.messages m
          where m.id = message and m.receiver <> (select service from msgbus.config))
 $$;
+
+-- Seconds until the earliest message held back (retry backoff, delay) comes due, or
+-- null when none is.
+create function msgbus.next_due() returns float8
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+begin
+    return (select extract(epoch from min(available_at) - now())::float8 from msgbus.inbox);
+end $$;
 
 -- Put a dead letter back into the inbox, at the end of the queue.
 create function msgbus.redeliver(message uuid) returns boolean
@@ -539,20 +586,23 @@ $$;
 -- Plans of these functions are cached for the session, and a plan made while a
 -- table was empty would scan it sequentially for ever after (the seed's acks took 67 s
 -- for 50,000 messages that way). Every statement on the message path has an index
--- to use, so forbid the planner anything else there, whatever the table's size.
-alter function msgbus.on_arrival() set enable_seqscan = off;
-alter function msgbus.claim() set enable_seqscan = off;
-alter function msgbus.done(uuid) set enable_seqscan = off;
-alter function msgbus.fail(uuid, text, integer) set enable_seqscan = off;
-alter function msgbus.take_reply(uuid) set enable_seqscan = off;
-alter function msgbus.acked(uuid) set enable_seqscan = off;
-alter function msgbus.reply(uuid, text, jsonb) set enable_seqscan = off;
+-- to use, so forbid the planner anything else there, whatever the table's size. That
+-- makes every plan look costly, so turn off JIT, which would compile each of them.
+alter function msgbus.on_arrival() set enable_seqscan = off set jit = off;
+alter function msgbus.claim() set enable_seqscan = off set jit = off;
+alter function msgbus.done(uuid) set enable_seqscan = off set jit = off;
+alter function msgbus.fail(uuid, text, integer) set enable_seqscan = off set jit = off;
+alter function msgbus.take_reply(uuid) set enable_seqscan = off set jit = off;
+alter function msgbus.acked(uuid) set enable_seqscan = off set jit = off;
+alter function msgbus.next_due() set enable_seqscan = off set jit = off;
+alter function msgbus.reply(uuid, text, jsonb) set enable_seqscan = off set jit = off;
 
 alter function msgbus.claim() security definer;
 alter function msgbus.done(uuid) security definer;
 alter function msgbus.fail(uuid, text, integer) security definer;
 alter function msgbus.take_reply(uuid) security definer;
 alter function msgbus.acked(uuid) security definer;
+alter function msgbus.next_due() security definer;
 alter function msgbus.reply(uuid, text, jsonb) security definer;
 alter function msgbus.service() security definer;
 

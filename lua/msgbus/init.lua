@@ -38,8 +38,7 @@ local SQL = {
   take_reply = "select * from msgbus.take_reply($1::uuid)",
   wait_add = "insert into msgbus.waits (id) values ($1::uuid) on conflict do nothing",
   wait_del = "delete from msgbus.waits where id = $1::uuid",
-  next_due = [[select extract(epoch from min(available_at) - now())::float8 as due
-               from msgbus.inbox]],
+  next_due = "select msgbus.next_due() as due",
 }
 
 local function fail(msg, code)

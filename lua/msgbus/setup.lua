@@ -284,7 +284,8 @@ function setup.unlink(a, b, opts)
     if not opts.force then
       for _, s in ipairs(sides) do
         local rows, e, c = s.conn:exec(
-          "select count(*)::int8 as n from msgbus.messages where receiver = $1", s.peer.service)
+          [[select count(*)::int8 as n from msgbus.messages m where receiver = $1
+             and not exists (select 1 from msgbus.early_acks e where e.id = m.id)]], s.peer.service)
         if not rows then return nil, e, c end
         if rows[1].n > 0 then
           return fail(("%d message(s) from %s to %s are not acknowledged yet; wait for them or unlink with force to discard them")
