@@ -90,6 +90,16 @@ local _ = { msgbus, core, A, out, exists, connect }
 local Child = {}
 Child.__index = Child
 
+-- State letter and start time (in clock ticks since boot) of a process, or nil.
+local function proc_stat(pid)
+  local stat = read_file("/proc/" .. pid .. "/stat")
+  local rest = stat and stat:match("^%d+ %b() (.*)$")
+  if not rest then return nil end
+  local fields = {}
+  for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
+  return fields[1], fields[20]
+end
+
 -- Start `code` in a new lua5.4 process; its output goes to a file (a pipe would fill
 -- up and block a child that prints a line per message).
 local function spawn(name, code, args)
@@ -104,13 +114,22 @@ local function spawn(name, code, args)
   local pid = tonumber(p:read("l"))
   p:close()
   assert(pid, "could not start child " .. name)
-  return setmetatable({ name = name, pid = pid, script = script, outfile = outfile }, Child)
+  local child = setmetatable({ name = name, pid = pid, script = script, outfile = outfile }, Child)
+  -- once lua5.4 runs the script, remember when the process started: a pid is only
+  -- ever compared together with that, so a reused pid is never taken for the child
+  local started = poll(function()
+    local cmdline = read_file("/proc/" .. pid .. "/cmdline")
+    return cmdline and cmdline:find(script, 1, true) and proc_stat(pid)
+  end, 10)
+  child.started = select(2, proc_stat(pid))
+  assert(started and child.started, ("child %s did not start: %s"):format(name, child:output()))
+  return child
 end
 
 -- Alive, and still the process we started (not a zombie, not a reused pid).
 function Child:alive()
-  local cmdline = read_file("/proc/" .. self.pid .. "/cmdline")
-  return cmdline ~= nil and cmdline:find(self.script, 1, true) ~= nil
+  local state, started = proc_stat(self.pid)
+  return state ~= nil and state ~= "Z" and started == self.started
 end
 
 function Child:kill()
@@ -251,7 +270,15 @@ local function count(svc, sql, ...)
   return env.scalar(svc, sql, ...)
 end
 
-local function outbox(svc) -- unacknowledged sends (the inbox partition excluded)
+-- Sends not acknowledged yet: in the outbox (the inbox partition excluded) and not
+-- acknowledged by msgbus.acked(), the test wait_ack uses (an ack can be recorded
+-- before its message leaves the outbox).
+local function outbox(svc)
+  return count(svc, [[select count(*)::int8 from msgbus.messages m
+                      where m.receiver <> msgbus.service() and not msgbus.acked(m.id)]])
+end
+
+local function outbox_rows(svc)
   return count(svc, "select count(*)::int8 from msgbus.messages where receiver <> msgbus.service()")
 end
 
@@ -355,17 +382,31 @@ local function check(label, s, r, sent)
   end
   c.dup_effects = count(r, "select count(*)::int8 from dupes") + c.repeated_i
   c.dead = count(r, "select count(*)::int8 from msgbus.dead_letters")
-  c.outbox_s, c.outbox_r, c.inbox_r = outbox(s), outbox(r), inbox(r)
+  c.outbox_s, c.outbox_r, c.inbox_r, c.outbox_rows_s = outbox(s), outbox(r), inbox(r), outbox_rows(s)
+  -- every confirmed message left the outbox (outbox_s above); wait_ack itself is
+  -- asked about an even sample of them, first and last included
+  local ids = {}
+  for i in pairs(sent.confirmed) do ids[#ids + 1] = i end
+  table.sort(ids)
   local sb = env.connect(s)
-  for _, id in pairs(sent.confirmed) do
-    if sb:wait_ack(id, 10) ~= true then c.unacked = c.unacked + 1 end
+  local step = math.max(1, #ids // 20)
+  c.wait_ack_calls, c.wait_ack_max = 0, 0
+  for k = 1, #ids do
+    if k % step == 0 or k == 1 or k == #ids then
+      local t0 = core.now()
+      if sb:wait_ack(sent.confirmed[ids[k]], 10) ~= true then c.unacked = c.unacked + 1 end
+      c.wait_ack_calls = c.wait_ack_calls + 1
+      c.wait_ack_max = math.max(c.wait_ack_max, core.now() - t0)
+    end
   end
   sb:close()
   c.apply_errors_r, c.apply_errors_s = apply_errors(r, s), apply_errors(s, r)
   print(("\n  [%s] confirmed=%d in_doubt=%d handled=%d lost=%d dup_effects=%d order_violations=%d "
     .. "unexpected=%d dead=%d unacked=%d outbox(sender)=%d inbox=%d apply_errors(receiver)=%d apply_errors(sender)=%d")
     :format(label, sent.n_confirmed, sent.n_failed, c.handled, c.lost, c.dup_effects, c.order, c.unexpected,
-      c.dead, c.unacked, c.outbox_s, c.inbox_r, c.apply_errors_r, c.apply_errors_s))
+      c.dead, c.unacked, c.outbox_s, c.inbox_r, c.apply_errors_r, c.apply_errors_s)
+    .. ("\n  [%s] wait_ack on %d acknowledged ids: slowest %.3fs; rows left in the sender's outbox: %d")
+      :format(label, c.wait_ack_calls, c.wait_ack_max, c.outbox_rows_s))
   return c
 end
 
@@ -389,16 +430,21 @@ local function backend_of(svc, app, state)
                            order by backend_start desc limit 1]], svc.service, app, state)
 end
 
--- A waiting call's backend, idle after running a statement whose text matches `like`.
-local function waiting_backend(svc, app, like)
+-- A waiting call's backend: idle for a moment after a statement whose text matches
+-- one of the patterns (the last statement before the call waits on its socket).
+local function waiting_backend(svc, app, ...)
   return env.scalar(svc, [[select pid from pg_stat_activity
-                           where datname = $1 and application_name = $2 and state = 'idle' and query like $3]],
-    svc.service, app, like)
+                           where datname = $1 and application_name = $2 and state = 'idle'
+                             and state_change < now() - interval '100 milliseconds'
+                             and query like any ($3::text[])]],
+    svc.service, app, "{" .. table.concat({ ... }, ",") .. "}")
 end
 
 -- Every test gets fresh services, stops its children and leaves the clusters running
 -- and its services unlinked, whatever happened.
 local function fresh(prefixes, children, files)
+  local t0 = core.now()
+  local deferred = {} -- busted keeps one finally per test: tests add theirs here
   local s, r = env.linked(prefixes, { "a", "b" })
   local logs = { a = log_size(s.cluster), b = log_size(r.cluster) }
   -- both subscriptions are running before any fault (an acknowledged message went
@@ -410,6 +456,7 @@ local function fresh(prefixes, children, files)
   sb:close()
   env.exec(r, "delete from msgbus.inbox where id = $1::uuid", warm)
   finally(function()
+    for i = #deferred, 1, -1 do pcall(deferred[i]) end
     for _, path in ipairs(files) do pcall(touch, path) end
     for _, child in ipairs(children) do
       if child:alive() then poll(function() return not child:alive() end, 3) end
@@ -420,8 +467,9 @@ local function fresh(prefixes, children, files)
     ensure_up(s.cluster)
     ensure_up(r.cluster)
     pcall(msgbus.setup.unlink, s, r, { force = true })
+    print(("  (%.1fs)"):format(core.now() - t0))
   end)
-  return s, r, logs
+  return s, r, logs, function(fn) deferred[#deferred + 1] = fn end
 end
 
 local function log_errors(s, r, logs)
@@ -524,6 +572,49 @@ describe("faults #fault", function()
     assert.same({}, log_errors(s, r, logs))
   end)
 
+  -- Found by the receiver kill test, where one ack in a few runs never came back under
+  -- load: the ack is applied on the sender by deleting the message from the outbox,
+  -- and that delete cannot see a message whose sending transaction is flushed (so
+  -- already decoded, delivered and acknowledged) but not yet visible on the sender.
+  -- A synchronous standby on the sender's server widens that window to a round trip:
+  -- each commit waits, flushed but invisible, for the standby (here: any walsender,
+  -- which is the receiver's subscription) before it becomes visible.
+  it("an ack that comes back before the send is visible on the sender is not lost", function()
+    local t0 = core.now()
+    local c = env.cluster("fault_sync")
+    local s = env.service("fk0a", "fault_sync")
+    local r = env.service("fk0b", "b")
+    assert(msgbus.setup.link(s, r))
+    local function sync(value)
+      assert(c:psql(value and ("alter system set synchronous_standby_names = '%s'"):format(value)
+        or "alter system reset synchronous_standby_names"))
+      assert(c:psql("select pg_reload_conf()"))
+    end
+    local sb = env.connect(s)
+    finally(function()
+      sb:close()
+      sync(nil)
+      pcall(msgbus.setup.unlink, s, r, { force = true })
+      print(("  (%.1fs)"):format(core.now() - t0))
+    end)
+    assert.is_true(sb:wait_ack(assert(sb:send(r.service, "warmup", {})), 60))
+    sync("*")
+    env.wait_until(function()
+      return count(s, "select count(*)::int8 from pg_stat_replication where sync_state = 'sync'") > 0
+    end, 30, "the synchronous standby")
+    local n, ids = 20, {}
+    for i = 1, n do ids[i] = assert(sb:send(r.service, "seq", { i = i })) end
+    env.wait_until(function() return inbox(r) == n + 1 end, 30, "the messages to arrive")
+    poll(function() return outbox(s) == 0 end, 15)
+    local left = 0
+    for i = 1, n do
+      if sb:wait_ack(ids[i], 30) ~= true then left = left + 1 end
+    end
+    print(("\n  [ack before visibility] %d of %d delivered messages never acknowledged; %d rows left in the outbox")
+      :format(left, n, outbox_rows(s)))
+    assert.equal(0, left, ("%d of %d delivered messages stay unacknowledged"):format(left, n))
+  end)
+
   it("pg_terminate_backend of the listener's connection mid-handler: listen reconnects and goes on", function()
     local children, stop_l = {}, os.tmpname()
     os.remove(stop_l)
@@ -599,10 +690,10 @@ describe("faults #fault", function()
   end)
 
   it("a poison message goes to the dead letters after max_attempts; the rest go on; redeliver brings it back", function()
-    local s, r, logs = fresh({ "fk5s", "fk5r" }, {}, {})
+    local s, r, logs, defer = fresh({ "fk5s", "fk5r" }, {}, {})
     prepare_receiver(r)
     local sb, rb = env.connect(s), env.connect(r, { max_attempts = 3 })
-    finally(function() sb:close(); rb:close() end)
+    defer(function() sb:close(); rb:close() end)
     local ids = {}
     for i = 1, 10 do
       ids[i] = assert(sb:send(r.service, i == 4 and "poison" or "seq", { i = i }))
@@ -667,9 +758,9 @@ describe("faults #fault", function()
   -- vacuum or analyze. Autovacuum is off for this inbox so that its timing (a
   -- minute or more in production) cannot rescue the listener during the test.
   it("a listener whose inbox ran empty keeps index speed when a backlog arrives", function()
-    local s, r = fresh({ "fk0s", "fk0r" }, {}, {})
+    local s, r, _, defer = fresh({ "fk0s", "fk0r" }, {}, {})
     local sb, rb = env.connect(s), env.connect(r)
-    finally(function() sb:close(); rb:close() end)
+    defer(function() sb:close(); rb:close() end)
     env.exec(r, ("alter table msgbus.%s set (autovacuum_enabled = false)"):format("to_" .. r.service))
     -- the listener handles a message and goes idle: it vacuums its inbox
     assert.is_true(sb:wait_ack(assert(sb:send(r.service, "seq", { i = 0 })), 30))
@@ -731,7 +822,7 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
       local timeout = 40
       children[1] = spawn("wait_ack", WAITER_ACK, { conninfo = s.conninfo .. " application_name=fault_wait",
         id = id, timeout = timeout })
-      assert(poll(function() return waiting_backend(s, "fault_wait", "%msgbus.acked%") end, 20),
+      assert(poll(function() return waiting_backend(s, "fault_wait", "%acked%") end, 20),
         "wait_ack never started waiting")
       assert(s.cluster:restart())
       env.exec(r, "alter subscription " .. sub .. " enable")
@@ -780,7 +871,7 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
       local timeout, n = 30, 20
       children[1] = spawn("listen", WAITER_LISTEN, { conninfo = r.conninfo .. " application_name=fault_wait",
         max = n, timeout = timeout })
-      assert(poll(function() return waiting_backend(r, "fault_wait", "%available_at%") end, 20),
+      assert(poll(function() return waiting_backend(r, "fault_wait", "%available_at%", "%next_due%") end, 20),
         "listen never started waiting")
       assert(r.cluster:restart())
       local sb = env.connect(s)
@@ -800,9 +891,9 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
     end)
 
     it("wait_ack and wait_reply on a bus whose connection died while idle answer at once", function()
-      local s, r = fresh({ "fk9s", "fk9r" }, {}, {})
+      local s, r, _, defer = fresh({ "fk9s", "fk9r" }, {}, {})
       local sb, rb = env.connect(s), env.connect(r)
-      finally(function() sb:close(); rb:close() end)
+      defer(function() sb:close(); rb:close() end)
       local acked = assert(sb:send(r.service, "x", {}))
       assert.is_true(sb:wait_ack(acked, 30))
       local asked = assert(sb:send(r.service, "ping", { n = 1 }, { await_reply = true }))
