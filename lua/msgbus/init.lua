@@ -447,9 +447,10 @@ function Bus:wait_ack(id, timeout)
   end
 end
 
+-- An inbox row as the handler sees it: the receiver's scheduling columns are internal.
 local function to_message(row)
   row.data = row.data or {}
-  row.available_at, row.pos, row.last_error = nil, nil, row.last_error
+  row.available_at, row.pos, row.not_before = nil, nil, nil
   return row
 end
 
