@@ -110,8 +110,8 @@ create trigger unrouted before insert on msgbus.unrouted
     for each row execute function msgbus.on_unrouted();
 
 -- Delete the messages whose ack came early (see msgbus.early_acks) and forget those
--- acks; an early ack whose message is not in the outbox after a minute was for a
--- message this service never had (or already removed).
+-- acks; an early ack older than the dedup retention was for a message this service
+-- never had (or removed otherwise).
 create function msgbus.settle_early_acks() returns bigint
 language plpgsql set search_path = pg_catalog, pg_temp set enable_seqscan = off set jit = off as $$
 declare
@@ -121,7 +121,9 @@ begin
         delete from msgbus.messages m using msgbus.early_acks e
          where m.id = e.id and m.receiver = e.receiver
         returning m.id)
-    delete from msgbus.early_acks e where e.id in (select id from settled) or e.at < now() - interval '1 minute';
+    delete from msgbus.early_acks e
+     where e.id in (select id from settled)
+        or e.at < now() - (select dedup_retention from msgbus.config);
     get diagnostics n = row_count;
     return n;
 end $$;

@@ -279,6 +279,7 @@ select receiver as peer, count(*)::int8 as depth,
        extract(epoch from now() - min(sent_at))::float8 as oldest_age
   from msgbus.messages
  where receiver <> msgbus.service()
+   and not exists (select 1 from msgbus.early_acks e where e.id = messages.id)
  group by receiver]]
 
 local STATUS_TOTALS = [[

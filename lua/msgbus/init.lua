@@ -209,12 +209,18 @@ function Bus:__tostring()
   return ("msgbus.Bus (%s)"):format(self.service)
 end
 
+-- Closing inside a handler or a transaction lets that transaction finish first.
+local function finish_close(self)
+  if self.closed and self.depth == 0 and self.conn then
+    self.conn:close()
+    self.conn = nil
+  end
+end
+
 function Bus:close()
   if getmetatable(self) ~= Bus then error("msgbus: bad self (msgbus.Bus expected)", 2) end
-  if not self.closed then
-    self.closed = true
-    if self.conn then self.conn:close(); self.conn = nil end
-  end
+  self.closed = true
+  finish_close(self)
 end
 Bus.__close = Bus.close
 Bus.__gc = Bus.close
@@ -298,6 +304,7 @@ function Bus:transaction(fn, ...)
         self.conn:exec("release savepoint " .. sp)
       end
     end
+    finish_close(self)
     return nil, msg, "error"
   end
   ok, err, code = simple(self, depth == 0 and "commit" or ("release savepoint " .. sp))
@@ -309,6 +316,7 @@ function Bus:transaction(fn, ...)
     -- COMMIT of a failed transaction answers ROLLBACK without an error
     return fail("the transaction failed and was rolled back", "rollback")
   end
+  finish_close(self)
   if res.n == 1 then return true end
   return table.unpack(res, 2, res.n)
 end
@@ -657,6 +665,7 @@ function Bus:listen(handler, opts)
       end
     end
   end
+  finish_close(self)
   return count
 end
 
