@@ -39,6 +39,7 @@ build = {
     -- the setup helper finds the schema next to the modules (msgbus/sql/*.sql)
     lua = {
       ["msgbus.sql.001_schema"] = "sql/001_schema.sql",
+      ["msgbus.sql.002_repair"] = "sql/002_repair.sql",
     },
   },
 }

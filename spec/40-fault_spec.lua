@@ -442,10 +442,10 @@ end
 
 -- Every test gets fresh services, stops its children and leaves the clusters running
 -- and its services unlinked, whatever happened.
-local function fresh(prefixes, children, files)
+local function fresh(prefixes, children, files, where)
   local t0 = core.now()
   local deferred = {} -- busted keeps one finally per test: tests add theirs here
-  local s, r = env.linked(prefixes, { "a", "b" })
+  local s, r = env.linked(prefixes, where or { "a", "b" })
   local logs = { a = log_size(s.cluster), b = log_size(r.cluster) }
   -- both subscriptions are running before any fault (an acknowledged message went
   -- there and back); the warm-up message is removed here, outside the checks, by
@@ -613,6 +613,88 @@ describe("faults #fault", function()
     print(("\n  [ack before visibility] %d of %d delivered messages never acknowledged; %d rows left in the outbox")
       :format(left, n, outbox_rows(s)))
     assert.equal(0, left, ("%d of %d delivered messages stay unacknowledged"):format(left, n))
+  end)
+
+  -- The sender's server keeps at most 1 MB of WAL for a slot (max_slot_wal_keep_size),
+  -- the receiver's server is down while messages go on being sent, and the WAL moves
+  -- on until a checkpoint invalidates the slot. Acks from the receiver are held back
+  -- from the start (the sender's subscription is disabled), so every handled message
+  -- is still unacknowledged and the resend carries copies the receiver already has.
+  it("a receiver away until its slot is lost: status tells, repair rebuilds and resends, nothing lost or doubled", function()
+    local children, stop_s, stop_l = {}, os.tmpname(), os.tmpname()
+    os.remove(stop_s); os.remove(stop_l)
+    env.cluster("slot_s", { max_slot_wal_keep_size = "1MB" })
+    env.cluster("slot_r")
+    local s, r, logs = fresh({ "fk6s", "fk6r" }, children, { stop_s, stop_l }, { "slot_s", "slot_r" })
+    prepare_receiver(r)
+    local acks = sub_name(r, s)
+    env.exec(s, ("alter subscription %s disable"):format(acks))
+    local sender = start_stream(s, r, children, stop_s, stop_l)
+    local slot = ("msgbus_%s_to_%s"):format(s.service, r.service)
+    local function wal_status()
+      return env.scalar(s, "select wal_status from pg_replication_slots where slot_name = $1", slot)
+    end
+
+    assert(r.cluster:stop("immediate"))
+    local t_down = core.now()
+    local confirmed_at_stop = parse_sender(sender:output()).n_confirmed
+    assert(poll(function() return parse_sender(sender:output()).n_confirmed >= confirmed_at_stop + 100 end, 60),
+      "the sender did not go on while the receiver was down")
+    env.exec(s, "create table filler (x text)")
+    local lost = poll(function()
+      assert(s.cluster:psql("insert into filler select repeat('x', 1000) from generate_series(1, 1000); "
+        .. "select pg_switch_wal(); checkpoint", s.service))
+      return wal_status() == "lost"
+    end, 90)
+    assert(lost, "the slot was never invalidated (wal_status " .. tostring(wal_status()) .. ")")
+    local t_lost = core.now()
+
+    -- msgbus status sees it (the same facts as bus:status())
+    local sb = env.connect(s)
+    local st = assert(sb:status())
+    sb:close()
+    assert.is_false(st.healthy)
+    local said = table.concat(st.problems, "\n")
+    assert.matches("replication slot " .. slot .. " is lost", said, 1, true)
+    assert.matches("msgbus repair", said, 1, true)
+
+    assert(r.cluster:start())
+    ensure_up(r.cluster)
+    local handled_before = handled(r)
+    assert.is_true(handled_before >= 100)
+    -- nothing more arrives through the lost slot
+    local outbox_before = outbox_rows(s)
+    assert.is_true(outbox_before > handled_before, "the outbox does not hold the messages sent while the receiver was away")
+
+    local lines = {}
+    local report = assert(msgbus.setup.repair(s, { log = function(l) lines[#lines + 1] = l end }))
+    local t_repaired = core.now()
+    assert.equal(1, #report)
+    assert.equal(r.service, report[1].peer)
+    assert.equal("slot", report[1].repaired)
+    -- the resend covers every handled message too, since none was acknowledged
+    assert.is_true(report[1].resent >= outbox_before, "the repair resent fewer messages than were unacknowledged")
+    assert.equal("reserved", wal_status())
+    -- a second repair finds nothing to do
+    assert.same({}, assert(msgbus.setup.repair(s)))
+
+    env.exec(s, ("alter subscription %s enable"):format(acks))
+    local sent = stop_after(sender, stop_s, 100)
+    local settled = settle(s, r, 120)
+    local t_settled = core.now()
+    touch(stop_l)
+    local lres = parse_listener(children[1]:finish(60))
+    local c = check("slot lost", s, r, sent)
+    print(("  [slot lost] down %.1fs until the slot was lost; repair: %s; resent %d (%d of them already handled); "
+      .. "settled %.1fs after the repair"):format(t_lost - t_down, table.concat(lines, " / "), report[1].resent,
+      handled_before, t_settled - t_repaired))
+    assert.is_true(settled, "not everything was acknowledged and handled within 120 s of the repair")
+    assert_promise(c)
+    assert.equal(0, sent.n_failed, "sends failed although the sender's database stayed up")
+    for code in pairs(lres.error_codes) do
+      assert.is_truthy(code == "connection" or code == "closed", "listen failed: " .. table.concat(lres.errors, "\n"))
+    end
+    assert.same({}, log_errors(s, r, logs))
   end)
 
   it("pg_terminate_backend of the listener's connection mid-handler: listen reconnects and goes on", function()

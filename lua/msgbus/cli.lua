@@ -217,6 +217,8 @@ local function link_plan(a, b)
     add(sub, ("select msgbus.subscribe(%s, %s)"):format(literal(pub.service), literal(subscription_conninfo(pub, role))),
       ("subscription msgbus_%s_to_%s"):format(pub.service, sub.service))
     add(pub, ("select msgbus.resend(%s)"):format(literal(sub.service)), "only if the slot was new")
+    add(pub, ("select msgbus.hold(%s); drop and create the slot; select msgbus.release(%s)")
+      :format(literal(sub.service), literal(sub.service)), "only if the slot was lost (as msgbus repair)")
   end
   return lines
 end
@@ -231,6 +233,26 @@ function commands.link(args)
   local ok, err = msgbus.setup.link(me, peer, { log = function(line) say(line) end })
   if not ok then failure(err) end
   say("linked %s <-> %s", me.service, peer.service)
+end
+
+function commands.repair(args)
+  local db = dbinfo(args, "--db")
+  local service = args.service and check_name(args.service, "--service")
+  if not service then
+    local conn, err = core.connect(db, { application_name = "msgbus repair" })
+    if not conn then failure(err) end
+    local rows
+    rows, err = conn:exec("select msgbus.service() as service")
+    conn:close()
+    if not rows or not rows[1].service then
+      failure(err or "this database has no msgbus service installed (give --service, or run msgbus install)")
+    end
+    service = rows[1].service
+  end
+  local report, err = msgbus.setup.repair({ service = service, conninfo = db },
+    { log = function(line) say(line) end })
+  if not report then failure(err) end
+  if #report == 0 then say("%s: every link is intact; nothing to repair", service) end
 end
 
 function commands.unlink(args)
@@ -260,7 +282,10 @@ select p.service as peer,
        r.active as slot_active,
        r.wal_status,
        pg_wal_lsn_diff(pg_current_wal_lsn(), r.restart_lsn)::int8 as retained_bytes,
-       pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn)::int8 as lag_bytes
+       pg_wal_lsn_diff(pg_current_wal_lsn(), r.confirmed_flush_lsn)::int8 as lag_bytes,
+       exists (select 1 from pg_publication_tables t
+                where t.pubname = 'msgbus_to_' || p.service
+                  and t.schemaname = 'msgbus' and t.tablename = 'to_' || p.service) as published
   from msgbus.peers p
  cross join (select msgbus.service() as service) me
   left join pg_subscription s
@@ -335,8 +360,10 @@ local function collect_status(bus, max_ack_age)
     if not r.slot_exists then
       problem(r.peer, "replication slot %s is missing", r.slot_name)
     elseif r.wal_status == "lost" then
-      problem(r.peer, "replication slot %s is lost (its WAL was removed): relink, then select msgbus.resend(%s)",
-        r.slot_name, literal(r.peer))
+      problem(r.peer, "replication slot %s is lost (its WAL was removed): run msgbus repair", r.slot_name)
+    end
+    if not r.published then
+      problem(r.peer, "messages to %s are held back by an unfinished repair: run msgbus repair", r.peer)
     end
     if out.oldest_age and out.oldest_age > max_ack_age then
       problem(r.peer, "the oldest unacknowledged message is %s old (limit %s)", age(out.oldest_age), age(max_ack_age))
@@ -801,6 +828,10 @@ local function parser()
 
   local unlink = pair(command(p, "unlink", "Remove the link between two services, both ways."))
   unlink:flag("--force", "Unlink even with unacknowledged messages (they are discarded).")
+
+  local repair = db(command(p, "repair",
+    "Rebuild links whose replication slot here was lost, and resend what they had not acknowledged."))
+  repair:option("--service", "This service's name. Default: the one installed in --db."):argname("NAME")
 
   local status = db(command(p, "status", "Health of this service's links; exit 3 when unhealthy."))
   status:flag("--json", "One JSON object instead of a table.")

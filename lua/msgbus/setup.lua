@@ -8,7 +8,7 @@ local setup = {}
 -- Serializes installs of the schema in one database across processes.
 local INSTALL_LOCK = 0x6d736762 -- "msgb"
 
-local MIGRATIONS = { "001_schema" }
+local MIGRATIONS = { "001_schema", "002_repair" }
 
 local function fail(msg, code)
   return nil, "msgbus: " .. msg, code
@@ -189,6 +189,108 @@ local function publish(pconn, pub, sub, log)
   return { role = n.role, password = password, new_slot = new_slot }
 end
 
+-- Drop slot `slot` on conn, waiting for its walsender to let go of it.
+local function drop_slot(conn, slot, timeout)
+  local deadline = core.now() + (timeout or 30)
+  local delay = 0.02
+  while true do
+    local rows, err, code = conn:exec(
+      "select active, active_pid from pg_replication_slots where slot_name = $1", slot)
+    if not rows then return nil, err, code end
+    if not rows[1] then return true end
+    if rows[1].active then
+      -- the subscriber's walsender may outlive its subscription for a moment
+      conn:exec("select pg_terminate_backend($1)", rows[1].active_pid)
+    else
+      local ok
+      ok, err, code = conn:exec("select pg_drop_replication_slot($1)", slot)
+      if ok then return true end
+      if code ~= "55006" then return nil, err, code end -- 55006: slot in use
+    end
+    if core.now() > deadline then return fail(("replication slot %s stays in use"):format(slot), "55006") end
+    core.sleep(delay)
+    delay = math.min(delay * 2, 0.5)
+  end
+end
+
+-- What a link from this side to `peer` needs rebuilt: "slot" when the slot is lost
+-- or missing, "publication" when an interrupted repair left the outbox held, or nil.
+local function damage(conn, me, peer)
+  local rows, err, code = conn:exec([[
+    select (select wal_status from pg_replication_slots
+             where slot_name = $1 and database = current_database()) as wal_status,
+           exists (select 1 from pg_replication_slots where slot_name = $1) as slot_exists,
+           msgbus.published($2) as published]], names(me, peer).slot, peer)
+  if not rows then return nil, err, code end
+  local r = rows[1]
+  if not r.slot_exists or r.wal_status == "lost" then return "slot" end
+  if not r.published then return "publication" end
+  return false
+end
+
+-- Rebuild the sending half of the link me -> peer on conn if it is damaged (see
+-- sql/002_repair.sql): hold the outbox back, make a new slot, then publish the
+-- outbox again and resend it. Returns what was wrong (or false) and how many
+-- messages went out again.
+local function repair_peer(conn, me, peer, log)
+  local what, err, code = damage(conn, me, peer)
+  if what == nil then return nil, err, code end
+  if not what then return false, 0 end
+  local slot = names(me, peer).slot
+  if what == "slot" then
+    step(log, "%s: replication slot %s is lost or missing; rebuilding it", me, slot)
+    local ok
+    ok, err, code = conn:exec("select msgbus.hold($1)", peer)
+    if not ok then return nil, err, code end
+    step(log, "%s: holding back messages to %s", me, peer)
+    ok, err, code = drop_slot(conn, slot)
+    if not ok then return nil, err, code end
+    ok, err, code = conn:exec("select pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+    if not ok then return nil, err, code end
+    step(log, "%s: replication slot %s", me, slot)
+  end
+  local rows
+  rows, err, code = conn:exec("select msgbus.release($1) as n", peer)
+  if not rows then return nil, err, code end
+  step(log, "%s: resent %d unacknowledged message(s) to %s", me, rows[1].n, peer)
+  return what, rows[1].n
+end
+
+--- setup.repair(side [, opts]) -> report | nil, err, code
+-- side = { service = ..., conninfo = ... } (an administrative connection). For every
+-- peer whose replication slot here is lost (the peer stayed away longer than
+-- max_slot_wal_keep_size allows) or missing, or whose outbox an interrupted repair
+-- left held: a new slot, and every unacknowledged message sent again in order; the
+-- peer ignores copies it already has. Healthy links are left alone.
+-- report = { { peer = "b", repaired = "slot" | "publication", resent = n }, ... }
+-- (empty when nothing needed repair). opts.log as for link.
+function setup.repair(side, opts)
+  check_side(side, 1)
+  opts = opts or {}
+  local conn, err, code = connect(side.conninfo, "repair")
+  if not conn then return nil, err, code end
+  local function run()
+    local ok, e, c = install(conn, side.service)
+    if not ok then return nil, e, c end
+    local peers
+    peers, e, c = conn:exec("select service from msgbus.peers order by service")
+    if not peers then return nil, e, c end
+    local report = {}
+    for _, p in ipairs(peers) do
+      local what, n
+      what, n, c = repair_peer(conn, side.service, p.service, opts.log)
+      if what == nil then return nil, n, c end
+      if what then report[#report + 1] = { peer = p.service, repaired = what, resent = n } end
+    end
+    return report
+  end
+  local report
+  report, err, code = run()
+  conn:close()
+  if not report then return nil, err, code end
+  return report
+end
+
 --- setup.link(a, b [, opts]) -> true | nil, err, code
 -- a, b = { service = "store", conninfo = "...", peer_conninfo = "..." (how the other
 -- side's server reaches this database; default: conninfo's host, port and dbname) }.
@@ -230,6 +332,11 @@ function setup.link(a, b, opts)
         rows, e, c = dir.pubconn:exec("select msgbus.resend($1) as n", dir.sub.service)
         if not rows then return nil, e, c end
         if rows[1].n > 0 then step(log, "%s: resent %d message(s) to %s", dir.pub.service, rows[1].n, dir.sub.service) end
+      else
+        -- linking again rebuilds a lost slot
+        local what
+        what, e, c = repair_peer(dir.pubconn, dir.pub.service, dir.sub.service, log)
+        if what == nil then return nil, e, c end
       end
     end
     return true
@@ -240,30 +347,6 @@ function setup.link(a, b, opts)
   bconn:close()
   if not ok then return nil, err, code end
   return true
-end
-
--- Drop slot `slot` on conn, waiting for its walsender to let go of it.
-local function drop_slot(conn, slot, timeout)
-  local deadline = core.now() + (timeout or 30)
-  local delay = 0.02
-  while true do
-    local rows, err, code = conn:exec(
-      "select active, active_pid from pg_replication_slots where slot_name = $1", slot)
-    if not rows then return nil, err, code end
-    if not rows[1] then return true end
-    if rows[1].active then
-      -- the subscriber's walsender may outlive its subscription for a moment
-      conn:exec("select pg_terminate_backend($1)", rows[1].active_pid)
-    else
-      local ok
-      ok, err, code = conn:exec("select pg_drop_replication_slot($1)", slot)
-      if ok then return true end
-      if code ~= "55006" then return nil, err, code end -- 55006: slot in use
-    end
-    if core.now() > deadline then return fail(("replication slot %s stays in use"):format(slot), "55006") end
-    core.sleep(delay)
-    delay = math.min(delay * 2, 0.5)
-  end
 end
 
 --- setup.unlink(a, b [, opts]) -> true | nil, err, code
