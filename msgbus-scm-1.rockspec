@@ -40,6 +40,7 @@ build = {
     lua = {
       ["msgbus.sql.001_schema"] = "sql/001_schema.sql",
       ["msgbus.sql.002_repair"] = "sql/002_repair.sql",
+      ["msgbus.sql.003_claim"] = "sql/003_claim.sql",
     },
   },
 }
