@@ -26,9 +26,14 @@ $(SO): $(SRC) src/msgbus.h
 deps:
 	@sh tools/deps.sh
 
+# The demo runs on `msgbus dev up` clusters in a fresh folder, removed at the end.
 demo: deps
 	@$(MAKE) --no-print-directory all
-	$(LUA) examples/demo.lua
+	@dir=$$(mktemp -d) && chmod 755 "$$dir" && \
+	  trap '$(LUA) bin/msgbus dev down --dir "$$dir/dev" >/dev/null 2>&1; rm -rf "$$dir"' EXIT && \
+	  $(LUA) bin/msgbus dev up --dir "$$dir/dev" && echo && \
+	  MSGBUS_DEV_DIR="$$dir/dev" $(LUA) examples/demo.lua && \
+	  $(LUA) bin/msgbus dev down --dir "$$dir/dev"
 
 # The whole suite: C warnings under gcc and clang, lint, then every spec.
 test: deps

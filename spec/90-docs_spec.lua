@@ -18,6 +18,18 @@ describe("the README", function()
     entries[#entries + 1] = n
   end
 
+  -- and every command of the msgbus CLI (its parser declares them as command(p, "name", ...))
+  local cli = assert(io.open("lua/msgbus/cli.lua")):read("a")
+  local commands = 0
+  for name in cli:gmatch('command%(p, "([%w-]+)"') do
+    commands = commands + 1
+    it("has a reference entry for the command msgbus " .. name, function()
+      assert.is_truthy(readme:find("\n### msgbus " .. name .. "\n", 1, true),
+        "README.md has no '### msgbus " .. name .. "' heading")
+    end)
+  end
+  it("found the CLI's commands", function() assert.is_true(commands >= 9) end)
+
   for _, name in ipairs(entries) do
     it("has a reference entry for " .. name, function()
       assert.is_truthy(readme:find("### " .. name .. "(", 1, true) or readme:find("### [^\n]*" .. name:gsub("%p", "%%%0")),
