@@ -3,6 +3,13 @@
 -- 127.0.0.1 only (no Unix socket, so long temp paths cannot break it) and has
 -- wal_level = logical. As root, initdb/pg_ctl run as the `postgres` system user,
 -- because PostgreSQL refuses to run as root; psql connects over TCP as anyone.
+--
+-- For network fault tests, M.start{ netns = "ns", host = "10.0.0.2" } runs the server
+-- inside network namespace `ns` (`ip netns exec`, so root only) as its own host: it
+-- listens on `host` (or on the comma-separated `listen_addresses`, e.g. a management
+-- address and a second link), conninfo() gives `host`, and pg_hba.conf also admits
+-- the namespace's directly connected subnets (`samenet`). The caller makes the
+-- namespace and its links, and the test process must be able to reach `host`.
 local ok_socket, socket = pcall(require, "socket")
 
 local M = {}
@@ -83,9 +90,12 @@ local function env_setup()
 end
 
 -- A server program, run as the postgres user when we are root, from `dir`
--- (the postgres user may not be allowed into the caller's working directory).
-local function server_cmd(dir, prog, args)
+-- (the postgres user may not be allowed into the caller's working directory), in
+-- network namespace `netns` if given (pg_ctl start: the postmaster and its children
+-- then live there; stopping is by signals and works from anywhere).
+local function server_cmd(dir, prog, args, netns)
   local parts = { "cd", shell_quote(dir), "&&" }
+  if netns then parts[#parts + 1] = "ip netns exec " .. shell_quote(netns) end
   if is_root then parts[#parts + 1] = "runuser -u " .. SUPERUSER .. " --" end
   parts[#parts + 1] = shell_quote(bindir .. "/" .. prog)
   for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
@@ -104,11 +114,11 @@ local function free_port()
   return math.random(20000, 60000)
 end
 
-local function port_accepts(port)
+local function port_accepts(host, port)
   if not ok_socket then return false end
   local s = socket.tcp()
   s:settimeout(1)
-  local ok = s:connect(HOST, port)
+  local ok = s:connect(host, port)
   s:close()
   return ok ~= nil
 end
@@ -154,7 +164,7 @@ end
 function Cluster:_write_conf()
   local lines = {
     "", "# msgbus.cluster",
-    "listen_addresses = '" .. HOST .. "'",
+    "listen_addresses = '" .. self.listen_addresses .. "'",
     "port = " .. self.port,
     "unix_socket_directories = ''",
     "wal_level = logical",
@@ -203,7 +213,7 @@ function Cluster:start()
   local log_from = f and f:seek("end") or 0
   if f then f:close() end
   local ok, out = run(server_cmd(self.dir, "pg_ctl",
-    { "start", "-w", "-t", "60", "-D", self.datadir, "-l", self.logfile }))
+    { "start", "-w", "-t", "60", "-D", self.datadir, "-l", self.logfile }, self.netns))
   if ok then return true end
   local _, err = self:_fail("pg_ctl start failed", out, log_from)
   return nil, err, (read_file(self.logfile, log_from) or "") .. out
@@ -239,7 +249,7 @@ function Cluster:kill9()
     while true do
       local alive
       for _, p in ipairs(pids) do if process_alive(p) then alive = p break end end
-      if not alive and not port_accepts(self.port) then break end
+      if not alive and not port_accepts(self.host, self.port) then break end
       if now() > deadline then
         return nil, PREFIX .. "cluster " .. self.name .. " still alive 15 s after kill -9 (pid "
           .. tostring(alive or pid) .. ")"
@@ -299,6 +309,8 @@ function M.start(opts)
   local name = opts.name or "pg"
   assert(type(name) == "string", "msgbus.cluster.start: name must be a string")
   assert(opts.port == nil or math.type(opts.port) == "integer", "msgbus.cluster.start: port must be an integer")
+  assert(opts.netns == nil or (type(opts.netns) == "string" and type(opts.host) == "string"),
+    "msgbus.cluster.start: netns needs a name and the host address the server listens on there")
   local settings = opts.settings or {}
   for k in pairs(settings) do
     assert(math.type(k) == "integer" or (type(k) == "string" and k:match("^[%a_][%w_.]*$")),
@@ -306,6 +318,7 @@ function M.start(opts)
   end
   local ok, err = env_setup()
   if not ok then return nil, err end
+  if opts.netns and not is_root then return nil, PREFIX .. "netns needs root (ip netns exec)" end
 
   local base = opts.base or os.getenv("TMPDIR") or "/tmp"
   if opts.base then
@@ -319,7 +332,8 @@ function M.start(opts)
 
   local c = setmetatable({
     name = name, dir = dir, datadir = dir .. "/data", logfile = dir .. "/server.log",
-    host = HOST, superuser = SUPERUSER, port = opts.port or free_port(), settings = settings,
+    host = opts.host or HOST, superuser = SUPERUSER, port = opts.port or free_port(), settings = settings,
+    netns = opts.netns, listen_addresses = opts.listen_addresses or opts.host or HOST,
   }, Cluster)
   registry[#registry + 1] = c
 
@@ -340,12 +354,17 @@ function M.start(opts)
     "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=scram-sha-256" }))
   if not init then return fail(PREFIX .. "initdb failed for cluster " .. name .. ": " .. trim(out)) end
 
-  local hba = table.concat({
+  local hba = {
     "# msgbus.cluster: TCP only; replication connections match on database name",
     "host all " .. SUPERUSER .. " 127.0.0.1/32 trust",
     "host all all 127.0.0.1/32 scram-sha-256",
     "host all " .. SUPERUSER .. " ::1/128 trust",
-    "host all all ::1/128 scram-sha-256", "" }, "\n")
+    "host all all ::1/128 scram-sha-256" }
+  if c.netns then  -- the namespace's own links: the test host and the peer servers
+    hba[#hba + 1] = "host all " .. SUPERUSER .. " samenet trust"
+    hba[#hba + 1] = "host all all samenet scram-sha-256"
+  end
+  hba = table.concat(hba, "\n") .. "\n"
   local wrote, werr = write_file(c.datadir .. "/pg_hba.conf", hba)
   if not wrote then return fail(PREFIX .. "cannot write pg_hba.conf: " .. tostring(werr)) end
   c._base_conf = read_file(c.datadir .. "/postgresql.conf") or ""

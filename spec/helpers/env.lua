@@ -96,4 +96,36 @@ function env.exec(svc, sql, ...)
   return rows
 end
 
+-- A new service on the cluster object `c` (env.service takes a cluster's name).
+-- `peer`, if given, says how the other side's server reaches it (setup.link's
+-- peer_conninfo): conninfo keywords with at least `host`, e.g. another address of a
+-- cluster in a network namespace; the port and the database name are added.
+function env.service_on(prefix, c, peer)
+  counter = counter + 1
+  local name = ("%s%d_%s"):format(prefix, counter, core.random_hex(2))
+  assert(c:createdb(name))
+  local svc = { service = name, conninfo = c:conninfo(name), cluster = c }
+  if peer then
+    local parts = { "port=" .. c.port, "dbname=" .. name }
+    for k, v in pairs(peer) do parts[#parts + 1] = ("%s=%s"):format(k, v) end
+    table.sort(parts)
+    svc.peer_conninfo = table.concat(parts, " ")
+  end
+  assert(msgbus.setup.install(svc.conninfo, name))
+  return svc
+end
+
+-- env.linked on cluster objects: service i on on[i], reached by its peers as
+-- peers[i] says (see env.service_on); each pair linked.
+function env.linked_on(prefixes, on, peers)
+  local svcs = {}
+  for i, p in ipairs(prefixes) do svcs[i] = env.service_on(p, on[i], peers and peers[i]) end
+  for i = 1, #svcs do
+    for j = i + 1, #svcs do
+      assert(msgbus.setup.link(svcs[i], svcs[j]))
+    end
+  end
+  return table.unpack(svcs)
+end
+
 return env
