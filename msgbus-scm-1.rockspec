@@ -41,6 +41,7 @@ build = {
       ["msgbus.sql.001_schema"] = "sql/001_schema.sql",
       ["msgbus.sql.002_repair"] = "sql/002_repair.sql",
       ["msgbus.sql.003_claim"] = "sql/003_claim.sql",
+      ["msgbus.sql.004_passfile"] = "sql/004_passfile.sql",
     },
   },
 }

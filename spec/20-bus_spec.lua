@@ -320,6 +320,74 @@ describe("msgbus links", function()
     conn:close()
   end)
 
+  it("a peer's credentials cannot read another peer's outbox", function()
+    local a, b, c = env.linked({ "pa", "pb", "pc" }, { "a", "b", "c" })
+    -- b's replication role on a, with its password from b's subscription
+    local info = env.scalar(b, "select subconninfo from pg_subscription where subname = $1",
+                            ("msgbus_%s_to_%s"):format(a.service, b.service))
+    local conn = assert(core.connect((info:gsub("application_name='[^']*'", ""))))
+    assert(conn:exec("select count(*) from msgbus.to_" .. b.service))
+    for _, t in ipairs { "msgbus.to_" .. c.service, "msgbus.messages", "msgbus.inbox", "msgbus.seen",
+                         "msgbus.dead_letters", "msgbus.config" } do
+      local denied, err, code = conn:exec("select count(*) from " .. t)
+      assert.is_nil(denied, t .. " was readable")
+      assert.equal("42501", code)
+      assert.matches("permission denied", err)
+    end
+    local denied, _, code = conn:exec("insert into msgbus.messages (receiver, type) values ($1, 'x')", c.service)
+    assert.is_nil(denied)
+    assert.equal("42501", code)
+    conn:close()
+  end)
+
+  it("keeps subscription passwords in passfiles instead of the catalog when asked", function()
+    local a, b = env.service("pfa", "a"), env.service("pfb", "b")
+    a.passfile_dir, b.passfile_dir = a.cluster.dir, b.cluster.dir
+    local lines = {}
+    assert(msgbus.setup.link(a, b, { log = function(l) lines[#lines + 1] = l end }))
+    local function sub_of(pub, sub)
+      return ("msgbus_%s_to_%s"):format(pub.service, sub.service)
+    end
+    for _, d in ipairs { { a, b }, { b, a } } do
+      local pub, sub = d[1], d[2]
+      local info = env.scalar(sub, "select subconninfo from pg_subscription where subname = $1", sub_of(pub, sub))
+      assert.is_nil(info:find("password", 1, true))
+      local path = ("%s/%s.pgpass"):format(sub.cluster.dir, sub_of(pub, sub))
+      assert.matches("passfile='" .. path .. "'", info, 1, true)
+      -- written by the server's user, readable by it alone, as libpq requires
+      local p = io.popen("stat -c '%a %U' " .. path)
+      assert.equal("600 postgres", p:read("l"))
+      p:close()
+      local f = assert(io.open(path))
+      local entry = f:read("l")
+      f:close()
+      assert.matches(("^%%*:%%*:%%*:msgbus_%s_%s:%%x+$"):format(pub.service, sub.service), entry)
+      assert.matches(path .. " (not in the catalog)", table.concat(lines, "\n"), 1, true)
+    end
+    -- both directions work on those passwords
+    local ab, bb = env.connect(a), env.connect(b)
+    assert.is_true(ab:wait_ack(assert(ab:send(b.service, "hi", {})), 30))
+    assert.is_true(bb:wait_ack(assert(bb:send(a.service, "hi", {})), 30))
+    ab:close(); bb:close()
+    -- unlink blanks the files
+    assert(msgbus.setup.unlink(a, b, { force = true }))
+    local f = assert(io.open(("%s/%s.pgpass"):format(b.cluster.dir, sub_of(a, b))))
+    assert.equal("", (f:read("a"):gsub("%s", "")))
+    f:close()
+    -- only what setup writes is accepted
+    local ok, _, code = msgbus.setup.link(a, b) -- (a plain relink works)
+    assert.is_true(ok, code)
+    local bad = assert(core.connect(a.conninfo))
+    local r, err, ecode = bad:exec("select msgbus.write_passfile('/tmp/x.conf', '')")
+    assert.is_nil(r)
+    assert.equal("22023", ecode)
+    assert.matches("invalid passfile path", err)
+    r, _, ecode = bad:exec("select msgbus.write_passfile($1, 'hello')", a.cluster.dir .. "/msgbus_x_to_y.pgpass")
+    assert.is_nil(r)
+    assert.equal("22023", ecode)
+    bad:close()
+  end)
+
   it("unlink refuses while messages are unacked, then removes everything", function()
     local a, b = env.linked({ "ul", "ur" }, { "a", "b" })
     local sub = ("msgbus_%s_to_%s"):format(a.service, b.service)

@@ -119,11 +119,35 @@ describe("the SQL API", function()
       ("select msgbus.add_peer('x')"),
       ("select msgbus.resend('%s')"):format(lx.service),
       "select * from msgbus.seen",
+      -- the trigger functions and the trigger itself cannot be changed or bypassed
+      "create or replace function msgbus.on_arrival() returns trigger language plpgsql as $$ begin return new; end $$",
+      "alter function msgbus.on_arrival() set search_path = public",
+      "alter function msgbus.on_arrival() owner to current_user",
+      "alter table msgbus.to_" .. sq.service .. " disable trigger arrival",
+      -- nothing can be planted in the schema for an unpinned lookup to find
+      "create table msgbus.peers2 (x int)",
+      "create function msgbus.now() returns int language sql as $$ select 1 $$",
+      ("select msgbus.hold('%s')"):format(lx.service),
+      ("select msgbus.write_passfile('/tmp/msgbus_a_to_b.pgpass', '')"),
     } do
       local out, err = as_app(sql)
       assert.is_nil(out, sql)
       assert.is_truthy(err:find("permission denied", 1, true) or err:find("must be owner", 1, true), err)
     end
+  end)
+
+  it("pins search_path in every msgbus function, and the installing role owns the schema", function()
+    local svc = { conninfo = sq.conninfo }
+    assert.is_true(env.scalar(svc, "select count(*) from pg_proc where pronamespace = 'msgbus'::regnamespace") > 20)
+    assert.same({}, env.exec(svc, [[select proname from pg_proc
+      where pronamespace = 'msgbus'::regnamespace
+        and not coalesce('search_path=pg_catalog, pg_temp' = any (proconfig), false)]]))
+    assert.equal("postgres", env.scalar(svc, "select nspowner::regrole::text from pg_namespace where nspname = 'msgbus'"))
+    assert.same({}, env.exec(svc, [[select c.relname from pg_class c
+      where c.relnamespace = 'msgbus'::regnamespace and c.relowner <> 'postgres'::regrole]]))
+    -- and nothing in the schema is executable by PUBLIC
+    assert.same({}, env.exec(svc, [[select proname from pg_proc
+      where pronamespace = 'msgbus'::regnamespace and has_function_privilege('public', oid, 'execute')]]))
   end)
 
   it("notifies on the documented channels", function()

@@ -166,11 +166,20 @@ function commands.install(args)
   say("service %s", args.service)
 end
 
+local function passfile_dir(dir, option)
+  if dir ~= nil and (not dir:match("^/[%w_./-]*$") or dir:find("/%.%./") or dir:find("/%.%.$")) then
+    usage(("%s must be an absolute path of letters, digits, _ . / -"):format(option))
+  end
+  return dir
+end
+
 local function link_sides(args)
   local me = { service = check_name(args.service, "--service"), conninfo = dbinfo(args, "--db"),
-               peer_conninfo = args.advertise and dbinfo(args, "--advertise", args.advertise) }
+               peer_conninfo = args.advertise and dbinfo(args, "--advertise", args.advertise),
+               passfile_dir = passfile_dir(args.passfile_dir, "--passfile-dir") }
   local peer = { service = check_name(args.peer, "--peer"), conninfo = dbinfo(args, "--peer-db", args.peer_db),
-                 peer_conninfo = args.peer_advertise and dbinfo(args, "--peer-advertise", args.peer_advertise) }
+                 peer_conninfo = args.peer_advertise and dbinfo(args, "--peer-advertise", args.peer_advertise),
+                 passfile_dir = passfile_dir(args.peer_passfile_dir, "--peer-passfile-dir") }
   if me.service == peer.service then usage(("cannot link service %q to itself"):format(me.service)) end
   return me, peer
 end
@@ -181,14 +190,18 @@ end
 
 -- How the subscriber on the other side will reach `side` (what setup.link puts in
 -- the subscription's connection string; the password is made fresh each time).
-local function subscription_conninfo(side, role)
+local function subscription_conninfo(side, role, sub)
   local parsed = core.conninfo_parse(side.peer_conninfo or side.conninfo)
   local parts = {}
   for _, k in ipairs { "host", "hostaddr", "port", "dbname", "sslmode" } do
     if parsed[k] and parsed[k] ~= "" then parts[#parts + 1] = k .. "=" .. parsed[k] end
   end
   parts[#parts + 1] = "user=" .. role
-  parts[#parts + 1] = "password=<new random>"
+  if sub.passfile_dir then
+    parts[#parts + 1] = ("passfile=%s/msgbus_%s_to_%s.pgpass"):format(sub.passfile_dir:gsub("/+$", ""), side.service, sub.service)
+  else
+    parts[#parts + 1] = "password=<new random>"
+  end
   return table.concat(parts, " ")
 end
 
@@ -214,7 +227,12 @@ local function link_plan(a, b)
   for _, d in ipairs { { a, b }, { b, a } } do
     local pub, sub = d[1], d[2]
     local role = ("msgbus_%s_%s"):format(pub.service, sub.service)
-    add(sub, ("select msgbus.subscribe(%s, %s)"):format(literal(pub.service), literal(subscription_conninfo(pub, role))),
+    if sub.passfile_dir then
+      add(sub, ("select msgbus.write_passfile(%s, <entry for %s with the new password>)")
+        :format(literal(("%s/msgbus_%s_to_%s.pgpass"):format(sub.passfile_dir:gsub("/+$", ""), pub.service, sub.service)),
+          role), "the password goes there, not into the catalog")
+    end
+    add(sub, ("select msgbus.subscribe(%s, %s)"):format(literal(pub.service), literal(subscription_conninfo(pub, role, sub))),
       ("subscription msgbus_%s_to_%s"):format(pub.service, sub.service))
     add(pub, ("select msgbus.resend(%s)"):format(literal(sub.service)), "only if the slot was new")
     add(pub, ("select msgbus.hold(%s); drop and create the slot; select msgbus.release(%s)")
@@ -824,6 +842,9 @@ local function parser()
     :argname("CONNINFO")
   link:option("--peer-advertise", "How this server reaches --peer-db. Default: host, port and dbname of --peer-db.")
     :argname("CONNINFO")
+  link:option("--passfile-dir", "A folder on --db's server: its subscription reads the peer's password from a "
+    .. "file there (mode 0600) instead of the catalog."):argname("DIR")
+  link:option("--peer-passfile-dir", "The same on --peer-db's server."):argname("DIR")
   link:flag("--dry-run", "Print the steps and SQL calls without connecting or changing anything.")
 
   local unlink = pair(command(p, "unlink", "Remove the link between two services, both ways."))

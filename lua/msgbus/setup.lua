@@ -8,7 +8,7 @@ local setup = {}
 -- Serializes installs of the schema in one database across processes.
 local INSTALL_LOCK = 0x6d736762 -- "msgb"
 
-local MIGRATIONS = { "001_schema", "002_repair", "003_claim" }
+local MIGRATIONS = { "001_schema", "002_repair", "003_claim", "004_passfile" }
 
 local function fail(msg, code)
   return nil, "msgbus: " .. msg, code
@@ -45,6 +45,11 @@ local function connect(conninfo, what)
   end
   local conn, err, code = core.connect(conninfo, { application_name = "msgbus setup" })
   if not conn then return nil, err, code end
+  -- setup passes generated passwords as statement parameters: keep them out of the
+  -- server log even where statements are logged (superuser settings; a role that
+  -- may not set them could not link anyway)
+  conn:script("set log_statement = 'none'; set log_min_duration_statement = -1; "
+    .. "set log_parameter_max_length = 0; set log_parameter_max_length_on_error = 0")
   return conn
 end
 
@@ -116,6 +121,10 @@ local function check_side(side, arg)
   if side.peer_conninfo ~= nil and type(side.peer_conninfo) ~= "string" then
     error(("msgbus: bad argument #%d (peer_conninfo must be a string)"):format(arg), 3)
   end
+  local dir = side.passfile_dir
+  if dir ~= nil and (type(dir) ~= "string" or not dir:match("^/[%w_./-]*$") or dir:find("/%.%./") or dir:find("/%.%.$")) then
+    error(("msgbus: bad argument #%d (passfile_dir must be an absolute path of letters, digits, _ . / -)"):format(arg), 3)
+  end
 end
 
 -- Connection parameters a peer's subscription copies from how we reach a database:
@@ -123,14 +132,15 @@ end
 local WHERE = { "host", "hostaddr", "port", "dbname", "sslmode", "sslrootcert", "sslcrl",
   "sslcompression", "sslsni", "requiressl", "gssencmode", "target_session_attrs",
   "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
-  "keepalives_count", "tcp_user_timeout", "channel_binding", "passfile" }
+  "keepalives_count", "tcp_user_timeout", "channel_binding" }
 
 local function quote_conn(v)
   return "'" .. v:gsub("\\", "\\\\"):gsub("'", "\\'") .. "'"
 end
 
--- The conninfo `sub` uses to read its messages from `pub`.
-local function peer_conninfo(pub, role, password)
+-- The conninfo `sub` uses to read its messages from `pub`: with the password, or
+-- naming the passfile that holds it.
+local function peer_conninfo(pub, role, password, passfile)
   local parsed, err = core.conninfo_parse(pub.peer_conninfo or pub.conninfo)
   if not parsed then return nil, err, "conninfo" end
   parsed.connect_timeout = parsed.connect_timeout or "10"
@@ -140,7 +150,11 @@ local function peer_conninfo(pub, role, password)
     if parsed[k] and parsed[k] ~= "" then parts[#parts + 1] = k .. "=" .. quote_conn(parsed[k]) end
   end
   parts[#parts + 1] = "user=" .. quote_conn(role)
-  parts[#parts + 1] = "password=" .. quote_conn(password)
+  if passfile then
+    parts[#parts + 1] = "passfile=" .. quote_conn(passfile)
+  else
+    parts[#parts + 1] = "password=" .. quote_conn(password)
+  end
   parts[#parts + 1] = "application_name=" .. quote_conn(role)
   return table.concat(parts, " ")
 end
@@ -317,10 +331,18 @@ function setup.link(a, b, opts)
     if not pb then return nil, e, c end
     for _, dir in ipairs { { sub = b, subconn = bconn, pub = a, p = pa, pubconn = aconn },
                            { sub = a, subconn = aconn, pub = b, p = pb, pubconn = bconn } } do
+      local passfile = dir.sub.passfile_dir
+        and ("%s/%s.pgpass"):format(dir.sub.passfile_dir:gsub("/+$", ""), names(dir.pub.service, dir.sub.service).slot)
       local info
-      info, e, c = peer_conninfo(dir.pub, dir.p.role, dir.p.password)
+      info, e, c = peer_conninfo(dir.pub, dir.p.role, dir.p.password, passfile)
       if not info then return nil, e, c end
       local ok
+      if passfile then
+        ok, e, c = dir.subconn:exec("select msgbus.write_passfile($1, $2)", passfile,
+          ("*:*:*:%s:%s"):format(dir.p.role, dir.p.password))
+        if not ok then return nil, ("%s (writing %s on the server of %s)"):format(e, passfile, dir.sub.service), c end
+        step(log, "%s: password for %s in %s (not in the catalog)", dir.sub.service, dir.p.role, passfile)
+      end
       ok, e, c = dir.subconn:exec("select msgbus.subscribe($1, $2)", dir.pub.service, info)
       if not ok then
         return nil, ("%s (subscribing %s to %s)"):format(e, dir.sub.service, dir.pub.service), c
@@ -374,6 +396,19 @@ function setup.unlink(a, b, opts)
           return fail(("%d message(s) from %s to %s are not acknowledged yet; wait for them or unlink with force to discard them")
             :format(rows[1].n, s.me.service, s.peer.service), "MB005")
         end
+      end
+    end
+    for _, s in ipairs(sides) do
+      -- a passfile the subscription read its password from is blanked
+      local sub = names(s.peer.service, s.me.service).slot
+      local rows, e, c = s.conn:exec([[select subconninfo from pg_subscription where subname = $1
+        and subdbid = (select oid from pg_database where datname = current_database())]], sub)
+      if not rows then return nil, e, c end
+      local parsed = rows[1] and core.conninfo_parse(rows[1].subconninfo)
+      if parsed and parsed.passfile and parsed.passfile:match("/" .. sub .. "%.pgpass$") then
+        local ok
+        ok, e, c = s.conn:exec("select msgbus.write_passfile($1, '')", parsed.passfile)
+        if not ok then return nil, e, c end
       end
     end
     for _, s in ipairs(sides) do
