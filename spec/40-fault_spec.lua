@@ -1,7 +1,8 @@
 -- Fault injection: kill -9 of whole clusters, killed connections and listening
--- processes, a poison message, and restarts under waiting calls. After every fault a
--- checker counts what the promise forbids: lost messages, duplicated handler effects,
--- per-sender order violations, dead letters and unacknowledged messages.
+-- processes, a poison message, and restarts under waiting calls. After every fault the
+-- checker of spec/helpers/fault.lua counts what the promise forbids: lost messages,
+-- duplicated handler effects, per-sender order violations, dead letters and
+-- unacknowledged messages.
 --
 -- Handlers write (msg uuid primary key, sender, i) into `handled` in the receiver's
 -- database through bus:exec, in the handler transaction; a handler that finds its row
@@ -13,38 +14,13 @@
 -- fault and watches the databases. Run alone with `busted --tags=fault`.
 local msgbus = require "msgbus"
 local core = require "msgbus.core"
+local cluster = require "msgbus.cluster"
 local env = require "helpers.env"
-
-local function shell_quote(s)
-  return "'" .. (tostring(s):gsub("'", "'\\''")) .. "'"
-end
-
-local function read_file(path, from)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  if from then f:seek("set", from) end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local fault = require "helpers.fault"
 
 local function touch(path)
   local f = assert(io.open(path, "wb"))
   f:close()
-end
-
--- Poll fn until it returns a truthy value; nil when the deadline passes (the caller
--- turns that into a counted failure with a useful message).
-local function poll(fn, timeout)
-  local deadline = core.now() + timeout
-  local delay = 0.005
-  while true do
-    local v = fn()
-    if v then return v end
-    if core.now() > deadline then return nil end
-    core.sleep(delay)
-    delay = math.min(delay * 2, 0.1)
-  end
 end
 
 ---------------------------------------------------------------------------
@@ -92,7 +68,7 @@ Child.__index = Child
 
 -- State letter and start time (in clock ticks since boot) of a process, or nil.
 local function proc_stat(pid)
-  local stat = read_file("/proc/" .. pid .. "/stat")
+  local stat = fault.read_file("/proc/" .. pid .. "/stat")
   local rest = stat and stat:match("^%d+ %b() (.*)$")
   if not rest then return nil end
   local fields = {}
@@ -110,15 +86,16 @@ local function spawn(name, code, args)
   f:write(PRELUDE:format(lua_literal(package.path), lua_literal(package.cpath), table.concat(parts, ", ")), code)
   f:close()
   local outfile = script .. ".out"
-  local p = assert(io.popen(("lua5.4 %s > %s 2>&1 & echo $!"):format(shell_quote(script), shell_quote(outfile))))
+  local p = assert(io.popen(("lua5.4 %s > %s 2>&1 & echo $!"):format(cluster.shell_quote(script),
+    cluster.shell_quote(outfile))))
   local pid = tonumber(p:read("l"))
   p:close()
   assert(pid, "could not start child " .. name)
   local child = setmetatable({ name = name, pid = pid, script = script, outfile = outfile }, Child)
   -- once lua5.4 runs the script, remember when the process started: a pid is only
   -- ever compared together with that, so a reused pid is never taken for the child
-  local started = poll(function()
-    local cmdline = read_file("/proc/" .. pid .. "/cmdline")
+  local started = env.poll(function()
+    local cmdline = fault.read_file("/proc/" .. pid .. "/cmdline")
     return cmdline and cmdline:find(script, 1, true) and proc_stat(pid)
   end, 10)
   child.started = select(2, proc_stat(pid))
@@ -137,7 +114,7 @@ function Child:kill()
 end
 
 function Child:output()
-  return read_file(self.outfile) or ""
+  return fault.read_file(self.outfile) or ""
 end
 
 function Child:remove_files()
@@ -147,7 +124,7 @@ end
 
 -- Wait for the child to exit by itself; its whole output.
 function Child:finish(timeout)
-  local exited = poll(function() return not self:alive() end, timeout)
+  local exited = env.poll(function() return not self:alive() end, timeout)
   if not exited then self:kill() end
   local out = self:output()
   assert(exited, ("%s did not exit within %gs; its output:\n%s"):format(self.name, timeout, out))
@@ -255,55 +232,9 @@ local function parse_listener(out)
   return res
 end
 
-local function codes_text(t)
-  local parts = {}
-  for k, v in pairs(t) do parts[#parts + 1] = ("%s x%d"):format(k, v) end
-  table.sort(parts)
-  return #parts > 0 and table.concat(parts, ", ") or "none"
-end
-
 ---------------------------------------------------------------------------
 -- Databases
 ---------------------------------------------------------------------------
-
-local function count(svc, sql, ...)
-  return env.scalar(svc, sql, ...)
-end
-
--- Sends not acknowledged yet: in the outbox (the inbox partition excluded) and not
--- acknowledged by msgbus.acked(), the test wait_ack uses (an ack can be recorded
--- before its message leaves the outbox).
-local function outbox(svc)
-  return count(svc, [[select count(*)::int8 from msgbus.messages m
-                      where m.receiver <> msgbus.service() and not msgbus.acked(m.id)]])
-end
-
-local function outbox_rows(svc)
-  return count(svc, "select count(*)::int8 from msgbus.messages where receiver <> msgbus.service()")
-end
-
-local function inbox(svc)
-  return count(svc, "select count(*)::int8 from msgbus.inbox")
-end
-
-local function handled(svc)
-  return count(svc, "select count(*)::int8 from handled")
-end
-
-local function prepare_receiver(r)
-  env.exec(r, "create table handled (msg uuid primary key, sender text not null, i bigint not null, seq bigserial)")
-  env.exec(r, "create table dupes (msg uuid not null, at timestamptz not null default now())")
-end
-
-local function sub_name(publisher, subscriber)
-  return ("msgbus_%s_to_%s"):format(publisher.service, subscriber.service)
-end
-
--- apply_error_count of the subscription that brings `peer`'s messages into `svc`.
-local function apply_errors(svc, peer)
-  return count(svc, [[select coalesce(sum(apply_error_count), 0)::int8 from pg_stat_subscription_stats
-                      where subname = $1]], sub_name(peer, svc))
-end
 
 -- Send n "seq" messages from the test process in transactions of 50.
 local function send_batches(s, r, n)
@@ -324,35 +255,6 @@ local function send_batches(s, r, n)
   return sent
 end
 
-local function log_size(c)
-  local f = io.open(c.logfile, "rb")
-  if not f then return 0 end
-  local n = f:seek("end")
-  f:close()
-  return n
-end
-
--- Server log lines since `from` that show an error msgbus itself caused: an exception
--- raised by a msgbus function, or a failure while applying changes to a msgbus table
--- (a conflict in the apply worker). Lost connections and restarts do not count.
-local function msgbus_log_errors(c, from)
-  local bad = {}
-  local text = read_file(c.logfile, from) or ""
-  local last_error
-  for line in text:gmatch("[^\n]+") do
-    if line:find("ERROR:", 1, true) or line:find("PANIC:", 1, true) then
-      last_error = line
-      if line:find("msgbus:", 1, true) or line:find("violates", 1, true) then bad[#bad + 1] = line end
-    elseif line:find("CONTEXT:", 1, true) and last_error
-        and (line:find("PL/pgSQL function msgbus%.") or line:find('relation "msgbus%.')) then
-      bad[#bad + 1] = last_error .. " / " .. line
-    elseif not line:find("^%s") then
-      last_error = nil
-    end
-  end
-  return bad
-end
-
 local function ensure_up(c)
   if not c:running() then assert(c:start()) end
   env.wait_until(function() return c:psql("select 1") ~= nil end, 60, "cluster " .. c.name .. " to accept connections")
@@ -360,67 +262,7 @@ end
 
 -- Wait until everything is acknowledged and handled; false if it does not happen.
 local function settle(s, r, timeout)
-  return poll(function() return outbox(s) == 0 and inbox(r) == 0 and outbox(r) == 0 end, timeout) and true or false
-end
-
--- Count what the promise forbids, print a summary line and return the counts.
-local function check(label, s, r, sent)
-  local c = { order = 0, unexpected = 0, mismatch = 0, repeated_i = 0, lost = 0, unacked = 0 }
-  local rows = env.exec(r, "select msg::text as msg, sender, i from handled order by seq")
-  c.handled = #rows
-  local got, last = {}, {}
-  for _, row in ipairs(rows) do
-    if last[row.sender] and row.i <= last[row.sender] then c.order = c.order + 1 end
-    last[row.sender] = row.i
-    if got[row.i] then c.repeated_i = c.repeated_i + 1 end
-    got[row.i] = row.msg
-    if not sent.attempted[row.i] then c.unexpected = c.unexpected + 1 end
-    if sent.confirmed[row.i] and sent.confirmed[row.i] ~= row.msg then c.mismatch = c.mismatch + 1 end
-  end
-  for i in pairs(sent.confirmed) do
-    if not got[i] then c.lost = c.lost + 1 end
-  end
-  c.dup_effects = count(r, "select count(*)::int8 from dupes") + c.repeated_i
-  c.dead = count(r, "select count(*)::int8 from msgbus.dead_letters")
-  c.outbox_s, c.outbox_r, c.inbox_r, c.outbox_rows_s = outbox(s), outbox(r), inbox(r), outbox_rows(s)
-  -- every confirmed message left the outbox (outbox_s above); wait_ack itself is
-  -- asked about an even sample of them, first and last included
-  local ids = {}
-  for i in pairs(sent.confirmed) do ids[#ids + 1] = i end
-  table.sort(ids)
-  local sb = env.connect(s)
-  local step = math.max(1, #ids // 20)
-  c.wait_ack_calls, c.wait_ack_max = 0, 0
-  for k = 1, #ids do
-    if k % step == 0 or k == 1 or k == #ids then
-      local t0 = core.now()
-      if sb:wait_ack(sent.confirmed[ids[k]], 10) ~= true then c.unacked = c.unacked + 1 end
-      c.wait_ack_calls = c.wait_ack_calls + 1
-      c.wait_ack_max = math.max(c.wait_ack_max, core.now() - t0)
-    end
-  end
-  sb:close()
-  c.apply_errors_r, c.apply_errors_s = apply_errors(r, s), apply_errors(s, r)
-  print(("\n  [%s] confirmed=%d in_doubt=%d handled=%d lost=%d dup_effects=%d order_violations=%d "
-    .. "unexpected=%d dead=%d unacked=%d outbox(sender)=%d inbox=%d apply_errors(receiver)=%d apply_errors(sender)=%d")
-    :format(label, sent.n_confirmed, sent.n_failed, c.handled, c.lost, c.dup_effects, c.order, c.unexpected,
-      c.dead, c.unacked, c.outbox_s, c.inbox_r, c.apply_errors_r, c.apply_errors_s)
-    .. ("\n  [%s] wait_ack on %d acknowledged ids: slowest %.3fs; rows left in the sender's outbox: %d")
-      :format(label, c.wait_ack_calls, c.wait_ack_max, c.outbox_rows_s))
-  return c
-end
-
-local function assert_promise(c)
-  assert.equal(0, c.lost, "messages whose send returned were lost")
-  assert.equal(0, c.dup_effects, "a handler's effects were committed twice")
-  assert.equal(0, c.order, "a sender's messages were handled out of order")
-  assert.equal(0, c.unexpected, "a handled message was never sent")
-  assert.equal(0, c.mismatch, "a message arrived under another id")
-  assert.equal(0, c.dead, "messages went to the dead letters")
-  assert.equal(0, c.unacked, "wait_ack did not return true")
-  assert.equal(0, c.outbox_s, "the sender's outbox still holds messages")
-  assert.equal(0, c.outbox_r, "the receiver's outbox still holds acks")
-  assert.equal(0, c.inbox_r, "the receiver's inbox still holds messages")
+  return env.poll(function() return fault.outbox(s) == 0 and fault.inbox(r) == 0 and fault.outbox(r) == 0 end, timeout) and true or false
 end
 
 -- The listening child's backend in `svc`'s database, optionally in a given state.
@@ -446,7 +288,7 @@ local function fresh(prefixes, children, files, where)
   local t0 = core.now()
   local deferred = {} -- busted keeps one finally per test: tests add theirs here
   local s, r = env.linked(prefixes, where or { "a", "b" })
-  local logs = { a = log_size(s.cluster), b = log_size(r.cluster) }
+  local logs = fault.log_marks(s, r)
   -- both subscriptions are running before any fault (an acknowledged message went
   -- there and back); the warm-up message is removed here, outside the checks, by
   -- hand rather than by listen, which would vacuum the inbox (see "keeps index speed")
@@ -459,7 +301,7 @@ local function fresh(prefixes, children, files, where)
     for i = #deferred, 1, -1 do pcall(deferred[i]) end
     for _, path in ipairs(files) do pcall(touch, path) end
     for _, child in ipairs(children) do
-      if child:alive() then poll(function() return not child:alive() end, 3) end
+      if child:alive() then env.poll(function() return not child:alive() end, 3) end
       child:kill()
       child:remove_files()
     end
@@ -470,12 +312,6 @@ local function fresh(prefixes, children, files, where)
     print(("  (%.1fs)"):format(core.now() - t0))
   end)
   return s, r, logs, function(fn) deferred[#deferred + 1] = fn end
-end
-
-local function log_errors(s, r, logs)
-  local bad = msgbus_log_errors(s.cluster, logs.a)
-  for _, line in ipairs(msgbus_log_errors(r.cluster, logs.b)) do bad[#bad + 1] = line end
-  return bad
 end
 
 -- A listener child and a sender child streaming to it (at most 3,000 messages, about
@@ -492,7 +328,7 @@ local function start_stream(s, r, children, stop_s, stop_l)
   children[#children + 1] = spawn("sender", SENDER, { conninfo = s.conninfo, receiver = r.service, stop = stop_s,
     max = 3000, batch = 50, batch_every = 20, pace = 0.02 })
   local sender = children[#children]
-  assert(poll(function() return handled(r) >= 100 or not sender:alive() end, 60), "no messages handled")
+  assert(env.poll(function() return fault.handled(r) >= 100 or not sender:alive() end, 60), "no messages handled")
   assert.is_true(sender:alive(), "the sender finished before the fault:\n" .. sender:output():sub(-2000))
   return sender, listener
 end
@@ -500,7 +336,7 @@ end
 -- Let the sender go on until `more` sends returned after now, then stop it; its output.
 local function stop_after(sender, stop_s, more)
   local from = parse_sender(sender:output()).n_confirmed
-  assert(poll(function()
+  assert(env.poll(function()
     return parse_sender(sender:output()).n_confirmed >= from + more or not sender:alive()
   end, 90), "the sender did not get through after the fault")
   touch(stop_s)
@@ -520,9 +356,9 @@ describe("faults #fault", function()
     local children, stop_s, stop_l = {}, os.tmpname(), os.tmpname()
     os.remove(stop_s); os.remove(stop_l)
     local s, r, logs = fresh({ "fk1s", "fk1r" }, children, { stop_s, stop_l })
-    prepare_receiver(r)
+    fault.prepare_receiver(r)
     local sender, listener = start_stream(s, r, children, stop_s, stop_l)
-    local before_kill = handled(r)
+    local before_kill = fault.handled(r)
     assert(r.cluster:kill9())
     assert(r.cluster:start())
     ensure_up(r.cluster)
@@ -533,24 +369,24 @@ describe("faults #fault", function()
     local settled = settle(s, r, 120)
     touch(stop_l)
     local lres = parse_listener(listener:finish(60))
-    local c = check("receiver kill -9", s, r, sent)
+    local c = fault.check("receiver kill -9", s, r, sent)
     print(("  [receiver kill -9] handled before kill=%d, listen errors: %s"):format(before_kill,
-      codes_text(lres.error_codes)))
+      fault.codes_text(lres.error_codes)))
     assert.is_true(settled, "not everything was acknowledged and handled within 120 s")
-    assert_promise(c)
+    fault.assert_promise(c)
     -- the listener lost its server: listen may give up with a connection error once
     -- its idle timeout passes, nothing else
     for code in pairs(lres.error_codes) do
       assert.is_truthy(code == "connection" or code == "closed", "listen failed: " .. table.concat(lres.errors, "\n"))
     end
-    assert.same({}, log_errors(s, r, logs))
+    assert.same({}, fault.log_errors(s, r, logs))
   end)
 
   it("kill -9 of the sender's cluster mid-stream: every send that returned is handled once, in order", function()
     local children, stop_s, stop_l = {}, os.tmpname(), os.tmpname()
     os.remove(stop_s); os.remove(stop_l)
     local s, r, logs = fresh({ "fk2s", "fk2r" }, children, { stop_s, stop_l })
-    prepare_receiver(r)
+    fault.prepare_receiver(r)
     local sender, listener = start_stream(s, r, children, stop_s, stop_l)
     assert(s.cluster:kill9())
     local confirmed_at_kill = parse_sender(sender:output()).n_confirmed
@@ -563,13 +399,13 @@ describe("faults #fault", function()
     local settled = settle(s, r, 120)
     touch(stop_l)
     local lres = parse_listener(listener:finish(60))
-    local c = check("sender kill -9", s, r, sent)
+    local c = fault.check("sender kill -9", s, r, sent)
     print(("  [sender kill -9] confirmed at kill=%d, failed sends: %s, listen errors: %s"):format(
-      confirmed_at_kill, codes_text(sent.fail_codes), codes_text(lres.error_codes)))
+      confirmed_at_kill, fault.codes_text(sent.fail_codes), fault.codes_text(lres.error_codes)))
     assert.is_true(settled, "not everything was acknowledged and handled within 120 s")
-    assert_promise(c)
+    fault.assert_promise(c)
     assert.same({}, lres.errors)
-    assert.same({}, log_errors(s, r, logs))
+    assert.same({}, fault.log_errors(s, r, logs))
   end)
 
   -- Found by the receiver kill test, where one ack in a few runs never came back under
@@ -600,18 +436,18 @@ describe("faults #fault", function()
     assert.is_true(sb:wait_ack(assert(sb:send(r.service, "warmup", {})), 60))
     sync("*")
     env.wait_until(function()
-      return count(s, "select count(*)::int8 from pg_stat_replication where sync_state = 'sync'") > 0
+      return env.scalar(s, "select count(*)::int8 from pg_stat_replication where sync_state = 'sync'") > 0
     end, 30, "the synchronous standby")
     local n, ids = 20, {}
     for i = 1, n do ids[i] = assert(sb:send(r.service, "seq", { i = i })) end
-    env.wait_until(function() return inbox(r) == n + 1 end, 30, "the messages to arrive")
-    poll(function() return outbox(s) == 0 end, 15)
+    env.wait_until(function() return fault.inbox(r) == n + 1 end, 30, "the messages to arrive")
+    env.poll(function() return fault.outbox(s) == 0 end, 15)
     local left = 0
     for i = 1, n do
       if sb:wait_ack(ids[i], 30) ~= true then left = left + 1 end
     end
     print(("\n  [ack before visibility] %d of %d delivered messages never acknowledged; %d rows left in the outbox")
-      :format(left, n, outbox_rows(s)))
+      :format(left, n, fault.outbox_rows(s)))
     assert.equal(0, left, ("%d of %d delivered messages stay unacknowledged"):format(left, n))
   end)
 
@@ -626,11 +462,11 @@ describe("faults #fault", function()
     env.cluster("slot_s", { max_slot_wal_keep_size = "1MB" })
     env.cluster("slot_r")
     local s, r, logs = fresh({ "fk6s", "fk6r" }, children, { stop_s, stop_l }, { "slot_s", "slot_r" })
-    prepare_receiver(r)
-    local acks = sub_name(r, s)
+    fault.prepare_receiver(r)
+    local acks = fault.sub_name(r, s)
     env.exec(s, ("alter subscription %s disable"):format(acks))
     local sender = start_stream(s, r, children, stop_s, stop_l)
-    local slot = ("msgbus_%s_to_%s"):format(s.service, r.service)
+    local slot = fault.sub_name(s, r) -- the slot has its subscription's name
     local function wal_status()
       return env.scalar(s, "select wal_status from pg_replication_slots where slot_name = $1", slot)
     end
@@ -638,10 +474,10 @@ describe("faults #fault", function()
     assert(r.cluster:stop("immediate"))
     local t_down = core.now()
     local confirmed_at_stop = parse_sender(sender:output()).n_confirmed
-    assert(poll(function() return parse_sender(sender:output()).n_confirmed >= confirmed_at_stop + 100 end, 60),
+    assert(env.poll(function() return parse_sender(sender:output()).n_confirmed >= confirmed_at_stop + 100 end, 60),
       "the sender did not go on while the receiver was down")
     env.exec(s, "create table filler (x text)")
-    local lost = poll(function()
+    local lost = env.poll(function()
       assert(s.cluster:psql("insert into filler select repeat('x', 1000) from generate_series(1, 1000); "
         .. "select pg_switch_wal(); checkpoint", s.service))
       return wal_status() == "lost"
@@ -660,10 +496,10 @@ describe("faults #fault", function()
 
     assert(r.cluster:start())
     ensure_up(r.cluster)
-    local handled_before = handled(r)
+    local handled_before = fault.handled(r)
     assert.is_true(handled_before >= 100)
     -- nothing more arrives through the lost slot
-    local outbox_before = outbox_rows(s)
+    local outbox_before = fault.outbox_rows(s)
     assert.is_true(outbox_before > handled_before, "the outbox does not hold the messages sent while the receiver was away")
 
     local lines = {}
@@ -684,24 +520,24 @@ describe("faults #fault", function()
     local t_settled = core.now()
     touch(stop_l)
     local lres = parse_listener(children[1]:finish(60))
-    local c = check("slot lost", s, r, sent)
+    local c = fault.check("slot lost", s, r, sent)
     print(("  [slot lost] down %.1fs until the slot was lost; repair: %s; resent %d (%d of them already handled); "
       .. "settled %.1fs after the repair"):format(t_lost - t_down, table.concat(lines, " / "), report[1].resent,
       handled_before, t_settled - t_repaired))
     assert.is_true(settled, "not everything was acknowledged and handled within 120 s of the repair")
-    assert_promise(c)
+    fault.assert_promise(c)
     assert.equal(0, sent.n_failed, "sends failed although the sender's database stayed up")
     for code in pairs(lres.error_codes) do
       assert.is_truthy(code == "connection" or code == "closed", "listen failed: " .. table.concat(lres.errors, "\n"))
     end
-    assert.same({}, log_errors(s, r, logs))
+    assert.same({}, fault.log_errors(s, r, logs))
   end)
 
   it("pg_terminate_backend of the listener's connection mid-handler: listen reconnects and goes on", function()
     local children, stop_l = {}, os.tmpname()
     os.remove(stop_l)
     local s, r, logs = fresh({ "fk3s", "fk3r" }, children, { stop_l })
-    prepare_receiver(r)
+    fault.prepare_receiver(r)
     local n = 600
     local sent = send_batches(s, r, n)
     children[1] = spawn("listener", LISTENER, { conninfo = r.conninfo .. " application_name=fault_listener",
@@ -709,9 +545,9 @@ describe("faults #fault", function()
     local listener = children[1]
     local killed = {}
     for k = 1, 3 do
-      assert(poll(function() return handled(r) >= k * n // 4 end, 60), "the listener stopped handling")
+      assert(env.poll(function() return fault.handled(r) >= k * n // 4 end, 60), "the listener stopped handling")
       -- in a handler: its transaction is open between statements
-      local pid = poll(function() return backend_of(r, "fault_listener", "idle in transaction") end, 20)
+      local pid = env.poll(function() return backend_of(r, "fault_listener", "idle in transaction") end, 20)
       assert(pid, "the listener was never seen inside a handler")
       assert.is_nil(killed[pid], "the listener did not reconnect after a terminate")
       killed[pid] = true
@@ -720,37 +556,39 @@ describe("faults #fault", function()
     local settled = settle(s, r, 60)
     touch(stop_l)
     local lres = parse_listener(listener:finish(60))
-    local c = check("listener connection terminated x3", s, r, sent)
+    local c = fault.check("listener connection terminated x3", s, r, sent)
     print(("  [listener connection terminated x3] listener handled=%s, listen errors: %s"):format(
-      tostring(lres.handled), codes_text(lres.error_codes)))
+      tostring(lres.handled), fault.codes_text(lres.error_codes)))
     assert.is_true(settled, "not everything was handled within 60 s")
-    assert_promise(c)
+    fault.assert_promise(c)
     assert.same({}, lres.errors, "listen returned an error instead of reconnecting")
-    -- each message was committed once, all by this listener
-    assert.equal(n, lres.handled)
-    assert.equal(0, apply_errors(r, s))
-    assert.equal(0, apply_errors(s, r))
-    assert.same({}, log_errors(s, r, logs))
+    -- listen counts what it saw commit: a terminate that lands while the commit is on
+    -- its way leaves that one commit in doubt for listen (the checker above counted
+    -- the real effects, all n of them, once each)
+    assert.is_true(lres.handled <= n and lres.handled >= n - 3, "listen counted " .. tostring(lres.handled))
+    assert.equal(0, fault.apply_errors(r, s))
+    assert.equal(0, fault.apply_errors(s, r))
+    assert.same({}, fault.log_errors(s, r, logs))
   end)
 
   it("kill -9 of the listening process mid-handler, then a new listener: nothing lost, no duplicate effects", function()
     local children, stop_l = {}, os.tmpname()
     os.remove(stop_l)
     local s, r, logs = fresh({ "fk4s", "fk4r" }, children, { stop_l })
-    prepare_receiver(r)
+    fault.prepare_receiver(r)
     local n = 600
     local sent = send_batches(s, r, n)
     children[1] = spawn("listener 1", LISTENER, { conninfo = r.conninfo .. " application_name=fault_listener1",
       stop = stop_l, idle = 2.0, slow = 0.003, max_attempts = 1000 })
     local first = children[1]
-    assert(poll(function() return handled(r) >= n // 3 end, 60), "the first listener handled too little")
-    local backend = poll(function() return backend_of(r, "fault_listener1", "idle in transaction") end, 20)
+    assert(env.poll(function() return fault.handled(r) >= n // 3 end, 60), "the first listener handled too little")
+    local backend = env.poll(function() return backend_of(r, "fault_listener1", "idle in transaction") end, 20)
     assert(backend, "the first listener was never seen inside a handler")
     first:kill()
-    assert(poll(function() return not first:alive() end, 10), "the first listener survived kill -9")
+    assert(env.poll(function() return not first:alive() end, 10), "the first listener survived kill -9")
     -- the server notices the lost client and rolls its handler transaction back
-    assert(poll(function() return backend_of(r, "fault_listener1") == nil end, 30), "the dead listener's backend stayed")
-    local by_first = handled(r)
+    assert(env.poll(function() return backend_of(r, "fault_listener1") == nil end, 30), "the dead listener's backend stayed")
+    local by_first = fault.handled(r)
     assert.is_true(by_first < n, "the first listener finished before it was killed")
 
     children[2] = spawn("listener 2", LISTENER, { conninfo = r.conninfo .. " application_name=fault_listener2",
@@ -758,22 +596,22 @@ describe("faults #fault", function()
     local settled = settle(s, r, 60)
     touch(stop_l)
     local lres = parse_listener(children[2]:finish(60))
-    local c = check("listener process kill -9", s, r, sent)
+    local c = fault.check("listener process kill -9", s, r, sent)
     print(("  [listener process kill -9] first listener committed %d, second %s"):format(by_first,
       tostring(lres.handled)))
     assert.is_true(settled, "not everything was handled within 60 s")
-    assert_promise(c)
+    fault.assert_promise(c)
     assert.same({}, lres.errors)
     -- the message the killed process was handling was handed out again, exactly once
     assert.equal(n - by_first, lres.handled)
-    assert.equal(0, apply_errors(r, s))
-    assert.equal(0, apply_errors(s, r))
-    assert.same({}, log_errors(s, r, logs))
+    assert.equal(0, fault.apply_errors(r, s))
+    assert.equal(0, fault.apply_errors(s, r))
+    assert.same({}, fault.log_errors(s, r, logs))
   end)
 
   it("a poison message goes to the dead letters after max_attempts; the rest go on; redeliver brings it back", function()
     local s, r, logs, defer = fresh({ "fk5s", "fk5r" }, {}, {})
-    prepare_receiver(r)
+    fault.prepare_receiver(r)
     local sb, rb = env.connect(s), env.connect(r, { max_attempts = 3 })
     defer(function() sb:close(); rb:close() end)
     local ids = {}
@@ -805,11 +643,11 @@ describe("faults #fault", function()
     local order = {}
     for _, row in ipairs(env.exec(r, "select i from handled order by seq")) do order[#order + 1] = row.i end
     assert.same({ 1, 2, 3, 5, 6, 7, 8, 9, 10 }, order)
-    assert.equal(0, inbox(r))
+    assert.equal(0, fault.inbox(r))
 
     assert.is_true(env.scalar(r, "select msgbus.redeliver($1::uuid)", ids[4]))
     assert.is_false(env.scalar(r, "select msgbus.redeliver($1::uuid)", ids[4]))
-    assert.equal(0, count(r, "select count(*)::int8 from msgbus.dead_letters"))
+    assert.equal(0, env.scalar(r, "select count(*)::int8 from msgbus.dead_letters"))
     local got
     assert.equal(1, rb:listen(function(m)
       got = m
@@ -821,7 +659,7 @@ describe("faults #fault", function()
     assert.equal(4, got.data.i)
     local sent = { confirmed = {}, attempted = {}, n_confirmed = 10, n_failed = 0 }
     for i = 1, 10 do sent.confirmed[i], sent.attempted[i] = ids[i], true end
-    local c = check("poison message", s, r, sent)
+    local c = fault.check("poison message", s, r, sent)
     assert.equal(0, c.lost)
     assert.equal(0, c.dup_effects)
     assert.equal(1, c.order) -- the redelivered message was handled last, by design
@@ -831,7 +669,7 @@ describe("faults #fault", function()
     assert.equal(0, c.inbox_r)
     assert.equal(0, c.apply_errors_r)
     assert.equal(0, c.apply_errors_s)
-    assert.same({}, log_errors(s, r, logs))
+    assert.same({}, fault.log_errors(s, r, logs))
   end)
 
   -- Found by the stream tests above: claim()'s plan is cached per connection, and one
@@ -896,7 +734,7 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
     it("wait_ack in progress while the sender's cluster restarts returns true", function()
       local children = {}
       local s, r = fresh({ "fk6s", "fk6r" }, children, {})
-      local sub = sub_name(s, r)
+      local sub = fault.sub_name(s, r)
       env.exec(r, "alter subscription " .. sub .. " disable") -- hold the ack back
       local sb = env.connect(s)
       local id = assert(sb:send(r.service, "held", { n = 1 }))
@@ -904,7 +742,7 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
       local timeout = 40
       children[1] = spawn("wait_ack", WAITER_ACK, { conninfo = s.conninfo .. " application_name=fault_wait",
         id = id, timeout = timeout })
-      assert(poll(function() return waiting_backend(s, "fault_wait", "%acked%") end, 20),
+      assert(env.poll(function() return waiting_backend(s, "fault_wait", "%acked%") end, 20),
         "wait_ack never started waiting")
       assert(s.cluster:restart())
       env.exec(r, "alter subscription " .. sub .. " enable")
@@ -912,8 +750,8 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
       print(("\n  [wait_ack over a restart] returned %s after %ss"):format(res[1], res[2]))
       assert.equal("true", res[1], out)
       assert.is_true(tonumber(res[2]) < timeout + 2, "wait_ack ran past its timeout")
-      assert.equal(0, outbox(s))
-      assert.equal(1, inbox(r))
+      assert.equal(0, fault.outbox(s))
+      assert.equal(1, fault.inbox(r))
     end)
 
     it("wait_reply in progress while the sender's cluster is killed -9 and restarted returns the reply", function()
@@ -926,7 +764,7 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
       local timeout = 40
       children[1] = spawn("wait_reply", WAITER_REPLY, { conninfo = s.conninfo .. " application_name=fault_wait",
         id = id, timeout = timeout })
-      assert(poll(function() return waiting_backend(s, "fault_wait", "%take_reply%") end, 20),
+      assert(env.poll(function() return waiting_backend(s, "fault_wait", "%take_reply%") end, 20),
         "wait_reply never started waiting")
       assert(s.cluster:kill9())
       -- the receiver replies while the sender is down: the reply waits in its slot
@@ -941,19 +779,19 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
       assert.is_true(tonumber(res[2]) < timeout + 2, "wait_reply ran past its timeout")
       assert.equal(id, res[3])
       assert.equal("7", res[4])
-      assert.equal(0, inbox(s))
-      assert.equal(0, count(s, "select count(*)::int8 from msgbus.waits"))
-      assert.equal(0, outbox(s))
+      assert.equal(0, fault.inbox(s))
+      assert.equal(0, env.scalar(s, "select count(*)::int8 from msgbus.waits"))
+      assert.equal(0, fault.outbox(s))
     end)
 
     it("listen in progress while its own cluster restarts handles what arrives afterwards", function()
       local children = {}
       local s, r = fresh({ "fk8s", "fk8r" }, children, {})
-      prepare_receiver(r)
+      fault.prepare_receiver(r)
       local timeout, n = 30, 20
       children[1] = spawn("listen", WAITER_LISTEN, { conninfo = r.conninfo .. " application_name=fault_wait",
         max = n, timeout = timeout })
-      assert(poll(function() return waiting_backend(r, "fault_wait", "%available_at%", "%next_due%") end, 20),
+      assert(env.poll(function() return waiting_backend(r, "fault_wait", "%available_at%", "%next_due%") end, 20),
         "listen never started waiting")
       assert(r.cluster:restart())
       local sb = env.connect(s)
@@ -968,8 +806,8 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
       print(("\n  [listen over a restart] returned %s after %ss"):format(res[1], res[2]))
       assert.equal(tostring(n), res[1], out)
       assert.is_true(settle(s, r, 30))
-      local c = check("listen over a restart", s, r, sent)
-      assert_promise(c)
+      local c = fault.check("listen over a restart", s, r, sent)
+      fault.assert_promise(c)
     end)
 
     it("wait_ack and wait_reply on a bus whose connection died while idle answer at once", function()
@@ -983,7 +821,7 @@ out("result", tostring(n), string.format("%.3f", core.now() - t0), tostring(code
         if m.type == "ping" then assert(rb:reply(m, "pong", { n = 1 })) end
       end, { max = 2, timeout = 30 }))
       env.wait_until(function()
-        return count(s, "select count(*)::int8 from msgbus.inbox where reply = $1::uuid", asked) == 1
+        return env.scalar(s, "select count(*)::int8 from msgbus.inbox where reply = $1::uuid", asked) == 1
       end, 30, "the reply")
 
       -- the database restarts while the bus is idle: the ack is there before the call

@@ -1,6 +1,6 @@
 -- Fault 5: the network between two servers is cut for longer than the replication
 -- timeouts, under load, then heals; delivery resumes by itself, and the checker of
--- the fault suite (spec/40) finds nothing the promise forbids.
+-- the fault specs (spec/helpers/fault.lua) finds nothing the promise forbids.
 --
 -- Each cluster runs in its own network namespace, its own host. The test process
 -- (the root namespace) is both services' application host and reaches each server
@@ -21,19 +21,11 @@
 local core = require "msgbus.core"
 local cluster = require "msgbus.cluster"
 local env = require "helpers.env"
+local fault = require "helpers.fault"
 
 local TIMEOUT = 3       -- wal_sender_timeout and wal_receiver_timeout, seconds
 local CUT = 10          -- how long the link stays cut, seconds: over 3 timeouts
 local PACE = 0.02       -- the sender's pause between sends
-
-local function read_file(path, from)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  if from then f:seek("set", from) end
-  local s = f:read("a")
-  f:close()
-  return s
-end
 
 -- Runs a shell command; success and its combined output.
 local function sh(cmd)
@@ -94,7 +86,7 @@ local function make_net()
   local _, uid = sh("id -u")
   if uid:match("%d+") ~= "0" then return nil, "network namespaces need root" end
   if not sh("command -v ip") then return nil, "ip (Debian package iproute2) is not installed" end
-  local pid = assert(read_file("/proc/self/stat")):match("^%d+")
+  local pid = assert(fault.read_file("/proc/self/stat")):match("^%d+")
   local net = setmetatable({ a = "msgbus_nc" .. pid .. "a", b = "msgbus_nc" .. pid .. "b",
                              root_a = "mbnc" .. pid .. "a", root_b = "mbnc" .. pid .. "b" }, Net)
   net:destroy()
@@ -133,120 +125,6 @@ local function make_net()
   net.method = (sh("command -v nft") and in_ns(net.a, "nft 'add table inet msgbus_probe; delete table inet msgbus_probe'"))
     and "nft" or "link down"
   return net
-end
-
----------------------------------------------------------------------------
--- The checker, as in spec/40 (apply errors excepted, see below)
----------------------------------------------------------------------------
-
-local function count(svc, sql, ...)
-  return env.scalar(svc, sql, ...)
-end
-
--- Sends not acknowledged yet (the inbox partition excluded).
-local function outbox(svc)
-  return count(svc, [[select count(*)::int8 from msgbus.messages m
-                      where m.receiver <> msgbus.service() and not msgbus.acked(m.id)]])
-end
-
-local function inbox(svc)
-  return count(svc, "select count(*)::int8 from msgbus.inbox")
-end
-
-local function log_size(c)
-  local f = io.open(c.logfile, "rb")
-  if not f then return 0 end
-  local n = f:seek("end")
-  f:close()
-  return n
-end
-
--- Server log lines since `from` that show an error msgbus itself caused: an exception
--- raised by a msgbus function, or a failure while applying changes to a msgbus table.
--- Lost connections and replication timeouts do not count.
-local function msgbus_log_errors(c, from)
-  local bad = {}
-  local text = read_file(c.logfile, from) or ""
-  local last_error
-  for line in text:gmatch("[^\n]+") do
-    if line:find("ERROR:", 1, true) or line:find("PANIC:", 1, true) then
-      last_error = line
-      if line:find("msgbus:", 1, true) or line:find("violates", 1, true) then bad[#bad + 1] = line end
-    elseif line:find("CONTEXT:", 1, true) and last_error
-        and (line:find("PL/pgSQL function msgbus%.") or line:find('relation "msgbus%.')) then
-      bad[#bad + 1] = last_error .. " / " .. line
-    elseif not line:find("^%s") then
-      last_error = nil
-    end
-  end
-  return bad
-end
-
--- pg_stat_subscription_stats counts a lost connection as an apply error on 15, so
--- these are reported, not asserted; the server logs are checked instead.
-local function apply_errors(svc, peer)
-  return count(svc, [[select coalesce(sum(apply_error_count), 0)::int8 from pg_stat_subscription_stats
-                      where subname = $1]], ("msgbus_%s_to_%s"):format(peer.service, svc.service))
-end
-
-local function check(label, s, r, sent)
-  local c = { order = 0, unexpected = 0, mismatch = 0, repeated_i = 0, lost = 0, unacked = 0 }
-  local rows = env.exec(r, "select msg::text as msg, sender, i from handled order by seq")
-  c.handled = #rows
-  local got, last = {}, {}
-  for _, row in ipairs(rows) do
-    if last[row.sender] and row.i <= last[row.sender] then c.order = c.order + 1 end
-    last[row.sender] = row.i
-    if got[row.i] then c.repeated_i = c.repeated_i + 1 end
-    got[row.i] = row.msg
-    if not sent.attempted[row.i] then c.unexpected = c.unexpected + 1 end
-    if sent.confirmed[row.i] and sent.confirmed[row.i] ~= row.msg then c.mismatch = c.mismatch + 1 end
-  end
-  for i in pairs(sent.confirmed) do
-    if not got[i] then c.lost = c.lost + 1 end
-  end
-  c.dup_effects = count(r, "select count(*)::int8 from dupes") + c.repeated_i
-  c.dead = count(r, "select count(*)::int8 from msgbus.dead_letters")
-  c.outbox_s, c.outbox_r, c.inbox_r = outbox(s), outbox(r), inbox(r)
-  c.outbox_rows_s = count(s, "select count(*)::int8 from msgbus.messages where receiver <> msgbus.service()")
-  -- wait_ack on an even sample of the confirmed ids, first and last included
-  local ids = {}
-  for i in pairs(sent.confirmed) do ids[#ids + 1] = i end
-  table.sort(ids)
-  local sb = env.connect(s)
-  local step = math.max(1, #ids // 20)
-  c.wait_ack_calls, c.wait_ack_max = 0, 0
-  for k = 1, #ids do
-    if k % step == 0 or k == 1 or k == #ids then
-      local t0 = core.now()
-      if sb:wait_ack(sent.confirmed[ids[k]], 10) ~= true then c.unacked = c.unacked + 1 end
-      c.wait_ack_calls = c.wait_ack_calls + 1
-      c.wait_ack_max = math.max(c.wait_ack_max, core.now() - t0)
-    end
-  end
-  sb:close()
-  c.apply_errors_r, c.apply_errors_s = apply_errors(r, s), apply_errors(s, r)
-  print(("\n  [%s] confirmed=%d in_doubt=%d handled=%d lost=%d dup_effects=%d order_violations=%d "
-    .. "unexpected=%d dead=%d unacked=%d outbox(sender)=%d inbox=%d")
-    :format(label, sent.n_confirmed, sent.n_failed, c.handled, c.lost, c.dup_effects, c.order, c.unexpected,
-      c.dead, c.unacked, c.outbox_s, c.inbox_r)
-    .. ("\n  [%s] wait_ack on %d acknowledged ids: slowest %.3fs; rows left in the sender's outbox: %d; "
-      .. "apply_error_count (lost connections, not asserted): receiver %d, sender %d")
-      :format(label, c.wait_ack_calls, c.wait_ack_max, c.outbox_rows_s, c.apply_errors_r, c.apply_errors_s))
-  return c
-end
-
-local function assert_promise(c)
-  assert.equal(0, c.lost, "messages whose send returned were lost")
-  assert.equal(0, c.dup_effects, "a handler's effects were committed twice")
-  assert.equal(0, c.order, "a sender's messages were handled out of order")
-  assert.equal(0, c.unexpected, "a handled message was never sent")
-  assert.equal(0, c.mismatch, "a message arrived under another id")
-  assert.equal(0, c.dead, "messages went to the dead letters")
-  assert.equal(0, c.unacked, "wait_ack did not return true")
-  assert.equal(0, c.outbox_s, "the sender's outbox still holds messages")
-  assert.equal(0, c.outbox_r, "the receiver's outbox still holds acks")
-  assert.equal(0, c.inbox_r, "the receiver's inbox still holds messages")
 end
 
 ---------------------------------------------------------------------------
@@ -339,29 +217,29 @@ describe("network cut #fault #netns", function()
     -- (PostgreSQL 15's apply worker does not apply connect_timeout), so the time to
     -- resume after the heal is mostly the wait for the next SYN.
     local s, r = env.linked_on({ "ncs", "ncr" }, clusters, { { host = net.link_a }, { host = net.link_b } })
-    local logs = { log_size(s.cluster), log_size(r.cluster) }
+    local logs = fault.log_marks(s, r)
     -- both directions run before the cut: a message went there and its ack came back
     local sb = env.connect(s)
     local warm = assert(sb:send(r.service, "warmup", {}))
     assert.is_true(sb:wait_ack(warm, 60))
     sb:close()
     env.exec(r, "delete from msgbus.inbox where id = $1::uuid", warm)
-    env.exec(r, "create table handled (msg uuid primary key, sender text not null, i bigint not null, seq bigserial)")
-    env.exec(r, "create table dupes (msg uuid not null, at timestamptz not null default now())")
+    fault.prepare_receiver(r)
 
-    -- the walsender of each direction is up while its slot is active
-    local slot_sr, slot_rs = ("msgbus_%s_to_%s"):format(s.service, r.service), ("msgbus_%s_to_%s"):format(r.service, s.service)
+    -- the walsender of each direction is up while its slot (named as the subscription
+    -- it feeds) is active
+    local slot_sr, slot_rs = fault.sub_name(s, r), fault.sub_name(r, s)
     local function streaming(svc, slot)
-      return count(svc, "select active from pg_replication_slots where slot_name = $1", slot)
+      return env.scalar(svc, "select active from pg_replication_slots where slot_name = $1", slot)
     end
     -- what reached the receiver's database: handled, or waiting in its inbox
     local function arrived()
-      return count(r, "select (select count(*) from handled) + (select count(*) from msgbus.inbox)")
+      return env.scalar(r, "select (select count(*) from handled) + (select count(*) from msgbus.inbox)")
     end
 
     local a = app(s, r)
     running = a
-    a.run_until(function() return count(r, "select count(*)::int8 from handled") >= 100 end, 60, "100 messages handled")
+    a.run_until(function() return fault.handled(r) >= 100 end, 60, "100 messages handled")
     assert.is_true(streaming(s, slot_sr) and streaming(r, slot_rs), "replication was not running before the cut")
 
     -- the cut
@@ -370,9 +248,9 @@ describe("network cut #fault #netns", function()
     net:cut()
     local stopped = a.run_until(function() return not streaming(s, slot_sr) and not streaming(r, slot_rs) end,
       CUT, "both walsenders to give up (replication timeout) during the cut")
-    local arrived_stopped, outbox_stopped = arrived(), outbox(s)
+    local arrived_stopped, outbox_stopped = arrived(), fault.outbox(s)
     a.run_until(function() return core.now() - cut_at >= CUT end, CUT + 5, "the end of the cut")
-    local arrived_end, outbox_end = arrived(), outbox(s)
+    local arrived_end, outbox_end = arrived(), fault.outbox(s)
     local sent_in_cut = a.sent.n_confirmed - sent_at_cut
     local first_in_cut = a.sent.confirmed[sent_at_cut + 1]
     -- replication really stopped: nothing crossed while the sender kept sending
@@ -387,7 +265,7 @@ describe("network cut #fault #netns", function()
     local delivery, acks
     a.run_until(function()
       delivery = delivery or (arrived() > arrived_end and core.now() - healed_at)
-      acks = acks or (count(s, "select msgbus.acked($1::uuid)", first_in_cut) and core.now() - healed_at)
+      acks = acks or (env.scalar(s, "select msgbus.acked($1::uuid)", first_in_cut) and core.now() - healed_at)
       return delivery and acks
     end, 60, "delivery and acks to resume after the heal")
     a.sending = false
@@ -395,14 +273,16 @@ describe("network cut #fault #netns", function()
     a.run_until(function()
       local t = core.now() - healed_at
       all.arrived = all.arrived or (arrived() == a.sent.n_confirmed and t)
-      all.acked = all.acked or (outbox(s) == 0 and t)
-      return all.acked and inbox(r) == 0 and outbox(r) == 0
+      all.acked = all.acked or (fault.outbox(s) == 0 and t)
+      return all.acked and fault.inbox(r) == 0 and fault.outbox(r) == 0
     end, 120, "everything handled and acknowledged")
     all.handled = core.now() - healed_at
     a.close()
     running = nil
 
-    local c = check("network cut", s, r, a.sent)
+    -- apply errors are reported, not asserted: the cut loses connections, which
+    -- PostgreSQL 15 counts as apply errors (the server logs are checked instead)
+    local c = fault.check("network cut", s, r, a.sent)
     print(("  [network cut] cut by %s for %.1fs (timeouts %ds): both walsenders gone %.1fs after the cut; "
       .. "%d messages sent during the cut (outbox %d -> %d, arrived stayed at %d)%s")
       :format(net.method, healed_at - cut_at, TIMEOUT, stopped, sent_in_cut, outbox_stopped, outbox_end,
@@ -412,8 +292,7 @@ describe("network cut #fault #netns", function()
       :format(delivery, acks, a.sent.n_confirmed, all.arrived, all.acked, all.handled))
     assert.is_true(sent_in_cut >= 100, "too few messages were sent during the cut")
     if dropped then assert.is_true(dropped > 0, "the cut dropped no packet") end
-    assert_promise(c)
-    assert.same({}, msgbus_log_errors(s.cluster, logs[1]))
-    assert.same({}, msgbus_log_errors(r.cluster, logs[2]))
+    fault.assert_promise(c)
+    assert.same({}, fault.log_errors(s, r, logs))
   end)
 end)

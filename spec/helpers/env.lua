@@ -31,63 +31,46 @@ function env.cluster(name, settings)
   return clusters[name]
 end
 
--- A new service with its own database on cluster `where`, msgbus installed.
--- Returns { service = ..., conninfo = ..., cluster = ... }.
+-- A new service with its own database on cluster `where` ("a" if not given), msgbus
+-- installed. Returns { service = ..., conninfo = ..., cluster = ... }.
 function env.service(prefix, where)
-  counter = counter + 1
-  local name = ("%s%d_%s"):format(prefix, counter, core.random_hex(2))
-  local c = env.cluster(where or "a")
-  assert(c:createdb(name))
-  local svc = { service = name, conninfo = c:conninfo(name), cluster = c }
-  assert(msgbus.setup.install(svc.conninfo, name))
-  return svc
+  return env.service_on(prefix, env.cluster(where or "a"))
 end
 
--- Two (or more) services, each pair linked. `where` lists the clusters, e.g. {"a","b"}.
+-- Two (or more) services, each pair linked. `where` lists the clusters, e.g. {"a","b"};
+-- by default the first three services go on "a", "b" and "c".
 function env.linked(prefixes, where)
-  local svcs = {}
-  for i, p in ipairs(prefixes) do
-    svcs[i] = env.service(p, where and where[i] or ({ "a", "b", "c" })[i])
-  end
-  for i = 1, #svcs do
-    for j = i + 1, #svcs do
-      assert(msgbus.setup.link(svcs[i], svcs[j]))
-    end
-  end
-  return table.unpack(svcs)
+  local on = {}
+  for i in ipairs(prefixes) do on[i] = env.cluster(where and where[i] or ({ "a", "b", "c" })[i]) end
+  return env.linked_on(prefixes, on)
 end
 
 function env.connect(svc, opts)
   return assert(msgbus.connect(svc.conninfo, opts))
 end
 
--- Poll fn until it returns a truthy value or the deadline passes (no blind sleeps).
-function env.wait_until(fn, timeout, what)
-  local deadline = core.now() + (timeout or 20)
+-- Poll fn until it returns a truthy value (no blind sleeps); nil when the deadline
+-- passes.
+function env.poll(fn, timeout)
+  local deadline = core.now() + timeout
   local delay = 0.005
   while true do
     local v = fn()
     if v then return v end
-    if core.now() > deadline then
-      error(("timed out after %gs waiting for %s"):format(timeout or 20, what or "condition"), 2)
-    end
+    if core.now() > deadline then return nil end
     core.sleep(delay)
     delay = math.min(delay * 2, 0.1)
   end
 end
 
--- One value from SQL run as the database's superuser.
-function env.scalar(svc, sql, ...)
-  local conn = assert(core.connect(svc.conninfo))
-  local rows, err = conn:exec(sql, ...)
-  conn:close()
-  assert(rows, err)
-  local row = rows[1]
-  if not row then return nil end
-  local _, v = next(row)
-  return v
+-- env.poll, raising an error when the deadline passes.
+function env.wait_until(fn, timeout, what)
+  local v = env.poll(fn, timeout or 20)
+  if v then return v end
+  error(("timed out after %gs waiting for %s"):format(timeout or 20, what or "condition"), 2)
 end
 
+-- The rows of SQL run as the database's superuser.
 function env.exec(svc, sql, ...)
   local conn = assert(core.connect(svc.conninfo))
   local rows, err = conn:exec(sql, ...)
@@ -96,7 +79,16 @@ function env.exec(svc, sql, ...)
   return rows
 end
 
--- A new service on the cluster object `c` (env.service takes a cluster's name).
+-- One value from SQL run as the database's superuser.
+function env.scalar(svc, sql, ...)
+  local row = env.exec(svc, sql, ...)[1]
+  if not row then return nil end
+  local _, v = next(row)
+  return v
+end
+
+-- A new service with its own database on the cluster object `c` (env.service takes
+-- a cluster's name), msgbus installed.
 -- `peer`, if given, says how the other side's server reaches it (setup.link's
 -- peer_conninfo): conninfo keywords with at least `host`, e.g. another address of a
 -- cluster in a network namespace; the port and the database name are added.
