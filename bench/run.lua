@@ -39,6 +39,7 @@ local N = {
   mem_small = scaled(10000, 100) -- listener RSS checkpoint (the other is `big`)
 }
 N.small = math.min(1000, N.big)  -- the small backlog
+local BATCH = 50                 -- listen's opts.batch in figure 4's second row
 N.window = math.min(500, N.small - 1)
 if N.mem_small >= N.big then N.mem_small = math.floor(N.big / 10) end
 
@@ -420,6 +421,18 @@ local function phase_consume()
   R.consume = got / (core.now() - t0)
   if got ~= n then error(("listen handled %d of %d"):format(got, n)) end
 
+  log("4. consume: msgbus, fill the inbox with %d again", n)
+  check(sbus:transaction(function()
+    for i = 1, n do last = check(send("payments", "bench", { n = i })) end
+  end))
+  await_ack(last, 300)
+  script(payments.conninfo, "vacuum")
+  log("4. consume: msgbus listen { batch = %d }, no-op handler, %d messages", BATCH, n)
+  t0 = core.now()
+  got = check(rbus:listen(function() end, { max = n, timeout = 60, batch = BATCH }))
+  R.consume_batch = got / (core.now() - t0)
+  if got ~= n then error(("listen { batch } handled %d of %d"):format(got, n)) end
+
   quiet()
   log("4. consume: baseline, fill with %d (ack trigger)", n)
   local f = raw("batch", n, rawsend, rawrecv, "raw")
@@ -751,6 +764,8 @@ local function report(total)
       R.fill.ack, R.raw_fill.ack, "s")
   row(("4. consume pre-filled inbox of %s [raw: libpq DELETE..RETURNING, 1 row/tx]"):format(k(N.consume)),
       R.consume, R.raw_consume, "msg/s", "%.0f")
+  row(("4. consume the same, listen { batch = %d } [raw: same]"):format(BATCH),
+      R.consume_batch, R.raw_consume, "msg/s", "%.0f")
   row(("5. consume+ack per msg, backlog %s [base: backlog %s]"):format(bn, k(s.n)),
       big.all and us(big.all / big.n) or why_all, us(s.all / s.n), "µs", "%.1f")
   row(("5. ack per msg, backlog %s [base: backlog %s]"):format(bn, k(s.n)),

@@ -180,6 +180,74 @@ describe("msgbus between two servers", function()
     for i = 1, n do assert.equal(i, got[i]) end
   end)
 
+  describe("listen with opts.batch", function()
+    -- n "seq" messages, all in the payments inbox before listen starts
+    local function fill(n, mtype, data)
+      local ids = {}
+      assert(sbus:transaction(function()
+        for i = 1, n do ids[i] = assert(sbus:send(payments.service, mtype or "seq", data and data(i) or { i = i })) end
+      end))
+      env.wait_until(function() return inbox_count(payments) == n end, 30, "the messages to arrive")
+      return ids
+    end
+
+    it("hands every message over once, in send order, and respects max", function()
+      fill(25)
+      local got = {}
+      assert.equal(25, pbus:listen(function(m) got[#got + 1] = m.data.i end, { batch = 10, max = 25, timeout = 5 }))
+      assert.same({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25 }, got)
+      assert.equal(0, inbox_count(payments))
+      fill(7)
+      got = {}
+      assert.equal(5, pbus:listen(function(m) got[#got + 1] = m.data.i end, { batch = 64, max = 5 }))
+      assert.same({ 1, 2, 3, 4, 5 }, got)
+      assert.equal(2, inbox_count(payments))
+      assert.equal(2, pbus:listen(function() end, { batch = 64, timeout = 0.2 }))
+    end)
+
+    it("rolls back only the failing handler's work; the rest of the batch commits", function()
+      pbus:exec("create table if not exists batch_effects (msg uuid primary key, i int)")
+      fill(10)
+      local calls = {}
+      local count = pbus:listen(function(m)
+        calls[m.data.i] = (calls[m.data.i] or 0) + 1
+        assert(pbus:exec("insert into batch_effects values ($1, $2)", m.id, m.data.i))
+        if m.data.i == 4 and calls[4] == 1 then error("first attempt of 4 fails") end
+      end, { batch = 10, max = 10, timeout = 10 })
+      assert.equal(10, count)
+      assert.equal(2, calls[4])
+      for i = 1, 10 do if i ~= 4 then assert.equal(1, calls[i]) end end
+      -- one effect per message: the failed attempt's insert was rolled back
+      assert.equal(10, env.scalar(payments, "select count(*)::int8 from batch_effects"))
+      assert.equal(0, inbox_count(payments))
+    end)
+
+    it("when the batch's commit fails, finds the message that made it fail, one transaction each", function()
+      local bus = env.connect(payments, { max_attempts = 1 })
+      bus:exec("create table if not exists batch_keys (k int unique deferrable initially deferred)")
+      -- the third message's write breaks a constraint checked only at commit
+      local ids = fill(5, "keyed", function(i) return { k = i == 3 and 2 or i } end)
+      local count = bus:listen(function(m)
+        assert(bus:exec("insert into batch_keys values ($1)", m.data.k))
+      end, { batch = 10, timeout = 0.5 })
+      assert.equal(4, count)
+      assert.same({ { k = 1 }, { k = 2 }, { k = 4 }, { k = 5 } },
+        env.exec(payments, "select k from batch_keys order by k"))
+      local dead = env.exec(payments, "select id::text as id, reason, last_error from msgbus.dead_letters where id = $1", ids[3])[1]
+      assert.equal("failed", dead.reason)
+      assert.matches("duplicate key", dead.last_error)
+      assert.equal(0, inbox_count(payments))
+      bus:close()
+    end)
+
+    it("refuses a batch size that is not an integer from 1 to 64", function()
+      for _, b in ipairs { 0, 65, 1.5, "10", true } do
+        assert.has_error(function() pbus:listen(function() end, { batch = b, timeout = 0 }) end,
+          "msgbus: bad argument #2 to 'listen' (opts.batch must be an integer from 1 to 64)")
+      end
+    end)
+  end)
+
   it("routes a reply to wait_reply, never to a listen handler", function()
     local id = assert(sbus:send(payments.service, "quote", { item = "book" }, { await_reply = true }))
     assert.equal(1, pbus:listen(function(m)

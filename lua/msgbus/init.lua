@@ -530,6 +530,58 @@ local function listen_once(self, handler)
   return "failed"
 end
 
+-- Up to `limit` messages through the handler in one transaction, each under its own
+-- savepoint: a handler that raises rolls back its own work and its message is
+-- counted as a failed attempt, in the same transaction; the others go on. A message
+-- leaves the inbox when the batch commits, together with its handler's writes, so
+-- effects still commit exactly once. Returns handled, tried (0 tried: the inbox had
+-- nothing available), or nil, err, code. When the commit itself fails, nothing of
+-- the batch happened: "single" is returned, and listen hands the next messages out
+-- one transaction each, which tells whose work made the commit fail.
+local function listen_batch(self, handler, limit)
+  local conn, err, code = conn_of(self)
+  if not conn then return nil, err, code end
+  local ok
+  ok, err, code = conn:exec("begin")
+  if not ok then return nil, err, code end
+  local handled, tried = 0, 0
+  local function abort(e, c)
+    if conn:ok() then conn:exec("rollback") end
+    return nil, e, c or "closed"
+  end
+  while tried < limit and not self.closed do
+    local rows
+    rows, err, code = conn:script("savepoint msgbus_message; select * from msgbus.claim()")
+    if not rows then return abort(err, code) end
+    local row = rows[1]
+    if not row then break end
+    tried = tried + 1
+    local msg = to_message(row)
+    self.depth = 1
+    local hok, herr = xpcall(handler, debug.traceback, msg)
+    self.depth = 0
+    if hok then
+      rows, err, code = conn:script(("select msgbus.done('%s'); release savepoint msgbus_message"):format(msg.id))
+      if rows then handled = handled + 1 end
+      herr = err or "the transaction was rolled back"
+    end
+    if not (hok and rows) then
+      if not conn:ok() then return abort(err or tostring(herr), code) end
+      ok, err, code = conn:script("rollback to savepoint msgbus_message; release savepoint msgbus_message")
+      if not ok then return abort(err, code) end
+      ok, err, code = conn:run("fail", msg.id, tostring(herr), self.max_attempts)
+      if not ok then return abort(err, code) end
+    end
+  end
+  ok, err, code = conn:exec("commit")
+  if not ok or conn:txstatus() ~= "idle" then
+    if not conn:ok() then return nil, err or "the connection was lost at commit", code or "closed" end
+    conn:exec("rollback")
+    return "single", tried
+  end
+  return handled, tried
+end
+
 --- bus:status([opts]) -> table | nil, err
 -- The facts `msgbus status --json` prints: per peer the subscription, its worker,
 -- the slot and its WAL, the outbox depth and oldest unacked age; inbox depth, dead
@@ -591,6 +643,10 @@ function Bus:step(handler, opts)
 end
 
 local VACUUM_EVERY = 500
+-- The most messages listen's opts.batch puts in one transaction: each is a
+-- subtransaction, and PostgreSQL keeps 64 of them per backend in shared memory
+-- before every other session's snapshots get slower.
+local MAX_BATCH = 64
 
 -- Vacuum the inbox, skipping it if another listener is at it; a role that does not
 -- own the table only gets a warning, which is ignored.
@@ -618,13 +674,42 @@ function Bus:listen(handler, opts)
     error("msgbus: bad argument #2 to 'listen' (opts.max must be an integer >= 1)", 2)
   end
   local timeout = check_timeout(opts.timeout, 2)
+  local batch = opts.batch
+  if batch ~= nil and (math.type(batch) ~= "integer" or batch < 1 or batch > MAX_BATCH) then
+    error(("msgbus: bad argument #2 to 'listen' (opts.batch must be an integer from 1 to %d)"):format(MAX_BATCH), 2)
+  end
   if self.depth > 0 then
     error("msgbus: listen cannot be called inside a transaction", 2)
   end
   local count = 0
+  local single = 0 -- messages to hand out one transaction each after a failed batch commit
   local idle_deadline = timeout and core.now() + timeout
   while not self.closed do
-    local what, err, code = listen_once(self, handler)
+    local what, err, code
+    if batch and batch > 1 and single == 0 then
+      local handled, tried
+      handled, tried, code = listen_batch(self, handler, max and math.min(batch, max - count) or batch)
+      if handled == "single" then
+        single, what = tried, "failed"
+      elseif handled and tried == 0 then
+        what = "empty"
+      elseif handled then
+        count = count + handled
+        self.consumed = (self.consumed or 0) + handled
+        if self.consumed >= VACUUM_EVERY then
+          self.consumed = 0
+          run_vacuum(self)
+        end
+        if max and count >= max then return count end
+        idle_deadline = timeout and core.now() + timeout
+        what = "batch"
+      else
+        err = tried
+      end
+    else
+      what, err, code = listen_once(self, handler)
+      if what == "handled" or what == "failed" then single = math.max(single - 1, 0) end
+    end
     if what == "handled" then
       count = count + 1
       -- Consumed rows leave dead index entries that every claim would step over
@@ -636,9 +721,12 @@ function Bus:listen(handler, opts)
       end
       if max and count >= max then return count end
       idle_deadline = timeout and core.now() + timeout
+    elseif what == "batch" then -- counted above
+      idle_deadline = timeout and core.now() + timeout
     elseif what == "failed" then
       idle_deadline = timeout and core.now() + timeout
     elseif what == "empty" then
+      single = 0
       if (self.consumed or 0) > 0 then
         self.consumed = 0
         run_vacuum(self)
