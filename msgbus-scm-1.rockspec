@@ -42,6 +42,7 @@ build = {
       ["msgbus.sql.002_repair"] = "sql/002_repair.sql",
       ["msgbus.sql.003_claim"] = "sql/003_claim.sql",
       ["msgbus.sql.004_passfile"] = "sql/004_passfile.sql",
+      ["msgbus.sql.005_fast_arrival"] = "sql/005_fast_arrival.sql",
     },
   },
 }

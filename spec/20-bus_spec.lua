@@ -312,7 +312,7 @@ describe("msgbus between two servers", function()
   it("dead-letters what it cannot take instead of stopping delivery", function()
     -- a sender whose schema lets a bad row through (constraint dropped by hand)
     local outbox = "to_" .. payments.service
-    env.exec(store, "alter table msgbus.messages drop constraint messages_data")
+    env.exec(store, "alter table msgbus.messages drop constraint messages_valid")
     env.exec(store, ("insert into msgbus.%s (sender, receiver, type, data) values ($1, $2, 'bad', '[1,2]')")
       :format(outbox), store.service, payments.service)
     local id = assert(sbus:send(payments.service, "after_bad", {}))
@@ -326,7 +326,7 @@ describe("msgbus between two servers", function()
                                            from pg_stat_subscription_stats]]))
     -- the bad row was acknowledged too, so it left the outbox and the check holds again
     assert.equal(0, outbox_count(store, payments))
-    env.exec(store, "alter table msgbus.messages add constraint messages_data check (jsonb_typeof(data) = 'object')")
+    env.exec(store, "alter table msgbus.messages add constraint messages_valid check (msgbus.valid_message(type, reply, data))")
   end)
 end)
 
