@@ -186,6 +186,14 @@ describe("msgbus install, link, send, status, unlink", function()
     assert.matches(("linked %s <%%-> %s\n$"):format(a, b), out)
     assert.equal(1, count(s2, "pg_subscription where subname = $1", ("msgbus_%s_to_%s"):format(a, b)))
     assert.equal(1, count(s1, "pg_subscription where subname = $1", ("msgbus_%s_to_%s"):format(b, a)))
+    -- right after a link, a worker PostgreSQL has not started yet is "starting",
+    -- not a reason to be unhealthy
+    for _, svc in ipairs { s1, s2 } do
+      local scode, sout = status(svc, "--json")
+      assert.equal(0, scode, sout)
+      local sub = msgbus.decode(sout).peers[1].subscription
+      assert.is_true(sub.worker_running or sub.starting)
+    end
   end)
 
   it("status is healthy: exit 0, a table, and with --json the link's state", function()

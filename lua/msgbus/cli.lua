@@ -288,6 +288,7 @@ local STATUS_PEERS = [[
 select p.service as peer,
        format('msgbus_%s_to_%s', p.service, me.service) as sub_name,
        format('msgbus_%s_to_%s', me.service, p.service) as slot_name,
+       extract(epoch from now() - p.linked_at)::float8 as linked_age,
        s.oid is not null as sub_exists,
        s.subenabled as sub_enabled,
        w.pid as worker_pid,
@@ -331,6 +332,11 @@ select msgbus.service() as service,
        (select count(*) from msgbus.dead_letters)::int8 as dead_letters]]
 
 -- The service's state as one table (the --json shape), with the problems found.
+-- PostgreSQL starts a new subscription's worker within wal_retrieve_retry_interval
+-- (5 s by default): for this long after a link, a worker not running yet is
+-- "starting", not a problem.
+local STARTING = 15
+
 local function collect_status(bus, max_ack_age)
   local totals = exec(bus, STATUS_TOTALS)[1]
   local outboxes = {}
@@ -350,6 +356,7 @@ local function collect_status(bus, max_ack_age)
       subscription = {
         name = r.sub_name, exists = r.sub_exists, enabled = r.sub_enabled or false,
         worker_running = r.worker_pid ~= nil, worker_pid = null_if_nil(r.worker_pid),
+        starting = r.worker_pid == nil and r.linked_age <= STARTING,
         last_msg_receipt = null_if_nil(r.last_receipt), last_msg_receipt_age = null_if_nil(since(r.last_receipt_age)),
         apply_error_count = r.apply_errors, apply_errors_since = null_if_nil(r.errors_since),
       },
@@ -368,7 +375,7 @@ local function collect_status(bus, max_ack_age)
       problem(r.peer, "subscription %s is missing", r.sub_name)
     elseif not r.sub_enabled then
       problem(r.peer, "subscription %s is disabled", r.sub_name)
-    elseif not r.worker_pid then
+    elseif not r.worker_pid and r.linked_age > STARTING then
       problem(r.peer, "subscription %s has no running worker (is the server of %s reachable?)", r.sub_name, r.peer)
     end
     -- apply_error_count is shown but is no health rule: on PostgreSQL 15 a lost
@@ -403,7 +410,7 @@ local function print_status(s)
       rows[#rows + 1] = {
         p.peer,
         not sub.exists and "missing" or (sub.enabled and "enabled" or "disabled"),
-        sub.worker_running and "running" or "stopped",
+        sub.worker_running and "running" or (sub.starting and "starting" or "stopped"),
         opt(sub.last_msg_receipt_age, function(v) return age(v) .. " ago" end),
         sub.apply_error_count,
         not slot.exists and "missing" or (slot.active and "active" or "inactive"),
