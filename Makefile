@@ -15,7 +15,7 @@ BUSTED     := busted --lua=$(LUA)
 export LUA_PATH  := $(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;$(CURDIR)/spec/?.lua;;
 export LUA_CPATH := $(CURDIR)/$(BUILD)/?.so;;
 
-.PHONY: all deps demo test check lint asan valgrind bench clean
+.PHONY: all deps demo test check lint asan valgrind fuzz bench clean
 
 all: $(SO)
 
@@ -54,6 +54,25 @@ asan:
 	LUA_CPATH="$(CURDIR)/build-asan/?.so;;" ASAN_OPTIONS=detect_leaks=0 \
 	  MSGBUS_RUNNER="env LD_PRELOAD='$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)' $(LUA) /usr/bin/busted --cpath=build-asan/?.so" \
 	  $(LUA) spec/run.lua $(SPECS)
+
+# Fuzzing (fuzz/README.md): fuzz/core_fuzz.c calls the C core's functions with
+# arguments of every Lua type under libFuzzer, ASan and UBSan, for FUZZ_SECONDS,
+# starting from a copy of fuzz/corpus (what it adds stays in build/fuzz). A crash,
+# a sanitizer report, a leak or a broken invariant fails the build; the input that
+# caused it is saved as build/fuzz/crash-* (or leak-, timeout-, oom-).
+FUZZ_SECONDS ?= 60
+FUZZ_DIR     := build/fuzz
+FUZZ_CFLAGS  := -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+
+$(FUZZ_DIR)/core_fuzz: fuzz/core_fuzz.c $(SRC) src/msgbus.h
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) $(WARN) -I$(LUA_INCDIR) -I$(PG_INCDIR) -o $@ fuzz/core_fuzz.c $(SRC) \
+	  -llua5.4 -L$(PG_LIBDIR) -lpq
+
+fuzz: $(FUZZ_DIR)/core_fuzz
+	rm -rf $(FUZZ_DIR)/corpus && mkdir -p $(FUZZ_DIR)/corpus && cp fuzz/corpus/* $(FUZZ_DIR)/corpus/
+	UBSAN_OPTIONS=print_stacktrace=1 $(FUZZ_DIR)/core_fuzz -max_total_time=$(FUZZ_SECONDS) -timeout=30 \
+	  -dict=fuzz/core.dict -artifact_prefix=$(FUZZ_DIR)/ -print_final_stats=1 $(FUZZ_DIR)/corpus
 
 # The specs with the Lua process that loads the C core under valgrind.
 valgrind: all

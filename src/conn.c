@@ -364,6 +364,25 @@ static int conn_backend_pid(lua_State *L)
 	return 1;
 }
 
+/* Copying what libpq allocated into Lua can raise (out of memory) and so leak it:
+ * the copy is made under lua_pcall, the libpq memory freed, then the error raised. */
+static int conn_copytext(lua_State *L)
+{
+	lua_pushstring(L, lua_touserdata(L, 1));
+	return 1;
+}
+
+static void conn_pushfree(lua_State *L, char *s)
+{
+	int st;
+	lua_pushcfunction(L, conn_copytext);
+	lua_pushlightuserdata(L, s);
+	st = lua_pcall(L, 1, 1, 0);
+	PQfreemem(s);
+	if (st != LUA_OK)
+		lua_error(L);
+}
+
 static int conn_escape(lua_State *L, int identifier)
 {
 	Conn *c = conn_check(L, 1);
@@ -372,8 +391,7 @@ static int conn_escape(lua_State *L, int identifier)
 	char *out = identifier ? PQescapeIdentifier(c->pg, s, len) : PQescapeLiteral(c->pg, s, len);
 	if (out == NULL)
 		return conn_fail_conn(L, c);
-	lua_pushstring(L, out);
-	PQfreemem(out);
+	conn_pushfree(L, out);
 	return 1;
 }
 
@@ -397,8 +415,7 @@ static int conn_encrypt_password(lua_State *L)
 	char *out = PQencryptPasswordConn(c->pg, pw, user, NULL);
 	if (out == NULL)
 		return conn_fail_conn(L, c);
-	lua_pushstring(L, out);
-	PQfreemem(out);
+	conn_pushfree(L, out);
 	return 1;
 }
 
@@ -473,26 +490,39 @@ static int conn_connect(lua_State *L)
 	return 1;
 }
 
-/* core.conninfo_parse(conninfo) -> { keyword = value, ... } | nil, err */
-static int conn_conninfo_parse(lua_State *L)
+/* The table of conninfo_parse, made under lua_pcall (see conn_pushfree). */
+static int conn_pushoptions(lua_State *L)
 {
-	const char *info = luaL_checkstring(L, 1);
-	char *err = NULL;
-	PQconninfoOption *opts = PQconninfoParse(info, &err), *o;
-	if (opts == NULL) {
-		int n = conn_fail(L, err ? err : "out of memory", "conninfo");
-		if (err)
-			PQfreemem(err);
-		return n;
-	}
+	const PQconninfoOption *o;
 	lua_newtable(L);
-	for (o = opts; o->keyword != NULL; o++) {
+	for (o = lua_touserdata(L, 1); o->keyword != NULL; o++) {
 		if (o->val == NULL)
 			continue;
 		lua_pushstring(L, o->val);
 		lua_setfield(L, -2, o->keyword);
 	}
+	return 1;
+}
+
+/* core.conninfo_parse(conninfo) -> { keyword = value, ... } | nil, err */
+static int conn_conninfo_parse(lua_State *L)
+{
+	const char *info = luaL_checkstring(L, 1);
+	char *err = NULL;
+	PQconninfoOption *opts = PQconninfoParse(info, &err);
+	int st;
+	if (opts == NULL) {
+		if (err == NULL)
+			return conn_fail(L, "out of memory", "conninfo");
+		conn_pushfree(L, err);
+		return conn_fail(L, lua_tostring(L, -1), "conninfo");
+	}
+	lua_pushcfunction(L, conn_pushoptions);
+	lua_pushlightuserdata(L, opts);
+	st = lua_pcall(L, 1, 1, 0);
 	PQconninfoFree(opts);
+	if (st != LUA_OK)
+		return lua_error(L);
 	return 1;
 }
 

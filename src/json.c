@@ -418,6 +418,7 @@ static void enc_table(Enc *e, int idx, int depth, const EncPath *path)
 			keys[i].pos = i + 1;
 			lua_rawseti(L, kidx, ++i);
 		}
+		n = i; /* fewer if the collector emptied entries of a weak table since enc_kind */
 		qsort(keys, (size_t)n, sizeof *keys, enc_keycmp);
 		child.index = 0;
 		jbuf_addchar(L, &e->buf, '{');

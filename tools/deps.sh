@@ -4,7 +4,7 @@
 set -eu
 PKGS="gcc clang make pkg-config libpq-dev postgresql-15 postgresql-client-15 lua5.4 liblua5.4-dev
       lua-busted lua-check lua-argparse luarocks valgrind lua-sql-postgres lua-cqueues lua-luv
-      iproute2 nftables"
+      iproute2 nftables libclang-rt-14-dev"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
