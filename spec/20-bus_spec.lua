@@ -309,12 +309,29 @@ describe("msgbus between two servers", function()
     assert.equal(0, pbus:listen(function() error("handled twice") end, { timeout = 0.3 }))
   end)
 
+  it("returns a decode failure, not an error, for JSON deeper than the codec goes", function()
+    local conn = assert(core.connect(store.conninfo))
+    local ok, err, code = conn:exec("select $1::jsonb as j", ("["):rep(1001) .. ("]"):rep(1001))
+    assert.is_nil(ok)
+    assert.equal("decode", code)
+    assert.equal("msgbus: JSON nesting deeper than 1000 at byte 1001", err)
+    -- 1000 levels decode, and the connection goes on
+    local rows = assert(conn:exec("select $1::jsonb as j", ("["):rep(1000) .. ("]"):rep(1000)))
+    local depth, t = 0, rows[1].j
+    while type(t) == "table" do depth, t = depth + 1, t[1] end
+    assert.equal(1000, depth)
+    conn:close()
+  end)
+
   it("dead-letters what it cannot take instead of stopping delivery", function()
     -- a sender whose schema lets a bad row through (constraint dropped by hand)
     local outbox = "to_" .. payments.service
     env.exec(store, "alter table msgbus.messages drop constraint messages_valid")
     env.exec(store, ("insert into msgbus.%s (sender, receiver, type, data) values ($1, $2, 'bad', '[1,2]')")
       :format(outbox), store.service, payments.service)
+    -- deeper than any receiver decodes: it would make every listen that claims it fail
+    env.exec(store, ("insert into msgbus.%s (sender, receiver, type, data) values ($1, $2, 'deep', $3::jsonb)")
+      :format(outbox), store.service, payments.service, '{"a":' .. ("["):rep(1200) .. ("]"):rep(1200) .. "}")
     local id = assert(sbus:send(payments.service, "after_bad", {}))
     assert.is_true(sbus:wait_ack(id, 20))
     local got
@@ -322,6 +339,8 @@ describe("msgbus between two servers", function()
     assert.equal("after_bad", got)
     assert.equal("data is not a JSON object",
       env.scalar(payments, "select reason from msgbus.dead_letters where type = 'bad'"))
+    assert.equal("data nested deeper than 1000 levels",
+      env.scalar(payments, "select reason from msgbus.dead_letters where type = 'deep'"))
     assert.equal(0, env.scalar(payments, [[select coalesce(sum(apply_error_count), 0)::int8
                                            from pg_stat_subscription_stats]]))
     -- the bad row was acknowledged too, so it left the outbox and the check holds again

@@ -172,9 +172,11 @@ static void conn_pushvalue(lua_State *L, PGresult *res, int row, int col)
 		break;
 	case OID_JSON:
 	case OID_JSONB:
+		/* as deep as the codec goes: the inbox refuses deeper data on arrival */
 		lua_pushvalue(L, UV_DECODE);
 		lua_pushlstring(L, v, len);
-		lua_call(L, 1, 1);
+		lua_pushinteger(L, MSGBUS_JSON_MAX_DEPTH);
+		lua_call(L, 2, 1);
 		break;
 	default:
 		lua_pushlstring(L, v, len);
@@ -201,22 +203,42 @@ static int conn_pushresult(lua_State *L, PGresult *res)
 	return 2;
 }
 
-/* Shared ending of exec and run: a result or the fail tuple. The result is cleared
- * before anything that could raise (JSON decoding) by copying rows first. */
+static int conn_pushresult_p(lua_State *L)
+{
+	return conn_pushresult(L, lua_touserdata(L, 1));
+}
+
+/* Shared ending of exec and run: a result or the fail tuple. The rows are converted
+ * under lua_pcall, so that the result is cleared whatever happens: a column that
+ * does not convert (JSON nested deeper than the codec goes) gives the fail tuple
+ * with code "decode"; a memory error is raised again. */
 static int conn_finish(lua_State *L, Conn *c, PGresult *res)
 {
 	ExecStatusType st;
-	int n;
+	int rc;
 	if (res == NULL)
 		return conn_fail_conn(L, c);
 	st = PQresultStatus(res);
 	if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK && st != PGRES_EMPTY_QUERY)
 		return conn_fail_result(L, c, res);
-	/* Server-produced JSON always decodes; only a memory error while converting
-	 * could raise here and leak this one result. */
-	n = conn_pushresult(L, res);
+	/* the converter needs this method's upvalues (the JSON functions) */
+	lua_pushvalue(L, lua_upvalueindex(1));
+	lua_pushvalue(L, lua_upvalueindex(2));
+	lua_pushcclosure(L, conn_pushresult_p, 2);
+	lua_pushlightuserdata(L, res);
+	rc = lua_pcall(L, 1, 2, 0);
 	PQclear(res);
-	return n;
+	if (rc == LUA_ERRMEM)
+		return lua_error(L);
+	if (rc != LUA_OK) {
+		const char *msg = lua_tostring(L, -1);
+		if (msg == NULL)
+			msg = "a column could not be converted";
+		else if (strncmp(msg, "msgbus: ", 8) == 0)
+			msg += 8;
+		return conn_fail(L, msg, "decode");
+	}
+	return 2;
 }
 
 /* conn:exec(sql, ...) -> rows, affected | nil, err, code */
@@ -307,7 +329,8 @@ static int conn_wait(lua_State *L)
 			double left = deadline - conn_now();
 			if (left <= 0)
 				return 1;
-			ms = (int)(left * 1000.0) + 1;
+			/* a day at most per poll: any longer timeout goes round again */
+			ms = left > 86400.0 ? 86400000 : (int)(left * 1000.0) + 1;
 		} else {
 			ms = -1;
 		}

@@ -17,7 +17,6 @@
 
 #define JSON_DEFAULT_DEPTH 100
 /* The codec recurses in C once per level; this bounds the C stack it uses. */
-#define JSON_MAX_DEPTH 1000
 
 /* ---------------------------------------------------------------- utf8 */
 
@@ -480,7 +479,7 @@ static void enc_value(Enc *e, int idx, int depth, const EncPath *path)
 static int json_checkdepth(lua_State *L, int arg)
 {
 	lua_Integer d = luaL_optinteger(L, arg, JSON_DEFAULT_DEPTH);
-	luaL_argcheck(L, d >= 0 && d <= JSON_MAX_DEPTH, arg, "maxdepth must be between 0 and 1000");
+	luaL_argcheck(L, d >= 0 && d <= MSGBUS_JSON_MAX_DEPTH, arg, "maxdepth must be between 0 and 1000");
 	return (int)d;
 }
 
