@@ -260,9 +260,45 @@ local function ensure_up(c)
   env.wait_until(function() return c:psql("select 1") ~= nil end, 60, "cluster " .. c.name .. " to accept connections")
 end
 
--- Wait until everything is acknowledged and handled; false if it does not happen.
+-- Wait until everything is acknowledged and handled: s is a sender or a list of them.
+-- False if it does not happen.
 local function settle(s, r, timeout)
-  return env.poll(function() return fault.outbox(s) == 0 and fault.inbox(r) == 0 and fault.outbox(r) == 0 end, timeout) and true or false
+  local senders = s.service and { s } or s
+  return env.poll(function()
+    for _, x in ipairs(senders) do
+      if fault.outbox(x) ~= 0 then return false end
+    end
+    return fault.inbox(r) == 0 and fault.outbox(r) == 0
+  end, timeout) and true or false
+end
+
+-- How many messages from sender s the receiver r handled so far.
+local function handled_from(r, s)
+  return env.scalar(r, "select count(*)::int8 from handled where sender = $1", s.service)
+end
+
+-- Services x and y, linked, work both ways: a message each way is acknowledged, and
+-- both report themselves healthy (msgbus status: subscriptions enabled with running
+-- workers, slots there, nothing unacknowledged for long). The probes stay in the
+-- inboxes; the checker does not look at these two.
+local function assert_link_works(x, y, timeout)
+  for _, pair in ipairs { { x, y }, { y, x } } do
+    local b = env.connect(pair[1])
+    local ok, err = b:wait_ack(assert(b:send(pair[2].service, "probe", {})), timeout)
+    b:close()
+    assert.is_true(ok, ("no ack from %s to %s within %gs: %s"):format(pair[2].service, pair[1].service,
+      timeout, tostring(err)))
+  end
+  for _, svc in ipairs { x, y } do
+    local b = env.connect(svc)
+    local st
+    local healthy = env.poll(function()
+      st = assert(b:status())
+      return st.healthy
+    end, timeout)
+    b:close()
+    assert(healthy, svc.service .. " is not healthy: " .. table.concat(st.problems, "; "))
+  end
 end
 
 -- The listening child's backend in `svc`'s database, optionally in a given state.
@@ -282,21 +318,29 @@ local function waiting_backend(svc, app, ...)
     svc.service, app, "{" .. table.concat({ ... }, ",") .. "}")
 end
 
--- Every test gets fresh services, stops its children and leaves the clusters running
--- and its services unlinked, whatever happened.
+-- Every test gets fresh services (two: a sender s and a receiver r, on clusters a and
+-- b unless `where` says otherwise; or three, each pair linked, the third on c and
+-- returned last), stops its children and leaves the clusters running and its services
+-- unlinked, whatever happened.
 local function fresh(prefixes, children, files, where)
   local t0 = core.now()
   local deferred = {} -- busted keeps one finally per test: tests add theirs here
-  local s, r = env.linked(prefixes, where or { "a", "b" })
-  local logs = fault.log_marks(s, r)
-  -- both subscriptions are running before any fault (an acknowledged message went
-  -- there and back); the warm-up message is removed here, outside the checks, by
-  -- hand rather than by listen, which would vacuum the inbox (see "keeps index speed")
-  local sb = env.connect(s)
-  local warm = assert(sb:send(r.service, "warmup", {}))
-  assert(sb:wait_ack(warm, 60))
-  sb:close()
-  env.exec(r, "delete from msgbus.inbox where id = $1::uuid", warm)
+  local svcs = { env.linked(prefixes, where or { "a", "b", "c" }) }
+  local s, r = svcs[1], svcs[2]
+  local logs = fault.log_marks(table.unpack(svcs))
+  -- every subscription is running before any fault (an acknowledged message went
+  -- there and back on each pair); the warm-up messages are removed here, outside the
+  -- checks, by hand rather than by listen, which would vacuum the inbox (see "keeps
+  -- index speed")
+  for i = 1, #svcs do
+    for j = i + 1, #svcs do
+      local sb = env.connect(svcs[i])
+      local warm = assert(sb:send(svcs[j].service, "warmup", {}))
+      assert(sb:wait_ack(warm, 60))
+      sb:close()
+      env.exec(svcs[j], "delete from msgbus.inbox where id = $1::uuid", warm)
+    end
+  end
   finally(function()
     for i = #deferred, 1, -1 do pcall(deferred[i]) end
     for _, path in ipairs(files) do pcall(touch, path) end
@@ -306,72 +350,100 @@ local function fresh(prefixes, children, files, where)
       child:remove_files()
     end
     for _, path in ipairs(files) do os.remove(path) end
-    ensure_up(s.cluster)
-    ensure_up(r.cluster)
-    pcall(msgbus.setup.unlink, s, r, { force = true })
+    for i = 1, #svcs do ensure_up(svcs[i].cluster) end
+    for i = 1, #svcs do
+      for j = i + 1, #svcs do pcall(msgbus.setup.unlink, svcs[i], svcs[j], { force = true }) end
+    end
     print(("  (%.1fs)"):format(core.now() - t0))
   end)
-  return s, r, logs, function(fn) deferred[#deferred + 1] = fn end
+  return s, r, logs, function(fn) deferred[#deferred + 1] = fn end, svcs[3]
 end
 
--- A listener child and a sender child streaming to it (at most 3,000 messages, about
--- 150 a second: 19 single-message transactions, then one of 50), both running when
--- this returns: mid-stream, the receiver has handled some and the sender is still
--- sending. The stream is slower than the listener, and each test stops it soon after
--- its fault, so the backlog stays a few hundred: claim() costs grow with the backlog
--- (see "keeps index speed" below), and a large one would drown the faults these
--- tests are about in slowness.
-local function start_stream(s, r, children, stop_s, stop_l)
+-- A listener child on r and a sender child per service in `senders` streaming to it
+-- (each at most 3,000 messages, about 150 a second: 19 single-message transactions,
+-- then one of 50), all running when this returns: mid-stream, the receiver has
+-- handled some of every sender's and the senders are still sending. Returns the
+-- sender children (in the order of `senders`) and the listener. The streams are
+-- slower than the listener, and each test stops them soon after its fault, so the
+-- backlog stays a few hundred: claim() costs grow with the backlog (see "keeps index
+-- speed" below), and a large one would drown the faults these tests are about in
+-- slowness.
+local function start_stream(senders, r, children, stop_s, stop_l)
   children[#children + 1] = spawn("listener", LISTENER, { conninfo = r.conninfo .. " application_name=fault_listener",
     stop = stop_l, idle = 1.0, slow = 0, max_attempts = 1000 })
   local listener = children[#children]
-  children[#children + 1] = spawn("sender", SENDER, { conninfo = s.conninfo, receiver = r.service, stop = stop_s,
-    max = 3000, batch = 50, batch_every = 20, pace = 0.02 })
-  local sender = children[#children]
-  assert(env.poll(function() return fault.handled(r) >= 100 or not sender:alive() end, 60), "no messages handled")
-  assert.is_true(sender:alive(), "the sender finished before the fault:\n" .. sender:output():sub(-2000))
-  return sender, listener
+  local streams = {}
+  for k, s in ipairs(senders) do
+    children[#children + 1] = spawn("sender " .. k, SENDER, { conninfo = s.conninfo, receiver = r.service,
+      stop = stop_s, max = 3000, batch = 50, batch_every = 20, pace = 0.02 })
+    streams[k] = children[#children]
+  end
+  local each = 100 // #senders
+  assert(env.poll(function()
+    for k, s in ipairs(senders) do
+      if not streams[k]:alive() then return true end
+      if handled_from(r, s) < each then return false end
+    end
+    return true
+  end, 60), ("not %d messages handled from every sender"):format(each))
+  for _, sender in ipairs(streams) do
+    assert.is_true(sender:alive(), sender.name .. " finished before the fault:\n" .. sender:output():sub(-2000))
+  end
+  return streams, listener
 end
 
--- Let the sender go on until `more` sends returned after now, then stop it; its output.
-local function stop_after(sender, stop_s, more)
-  local from = parse_sender(sender:output()).n_confirmed
+-- Let the first sender go on until `more` of its sends returned after now, then stop
+-- all of them (they share the stop file `stop_s`); what each sent, in order.
+local function stop_after(senders, stop_s, more)
+  local first = senders[1]
+  local from = parse_sender(first:output()).n_confirmed
   assert(env.poll(function()
-    return parse_sender(sender:output()).n_confirmed >= from + more or not sender:alive()
+    return parse_sender(first:output()).n_confirmed >= from + more or not first:alive()
   end, 90), "the sender did not get through after the fault")
   touch(stop_s)
-  local sent = parse_sender(sender:finish(60))
-  assert.is_true(sent.done, "sender crashed: " .. table.concat(sent.other, "\n"))
-  return sent
+  local sents = {}
+  for k, sender in ipairs(senders) do
+    sents[k] = parse_sender(sender:finish(60))
+    assert.is_true(sents[k].done, sender.name .. " crashed: " .. table.concat(sents[k].other, "\n"))
+  end
+  return table.unpack(sents)
 end
 
 describe("faults #fault", function()
-  -- clusters a (senders) and b (receivers) must run before a test kills one
+  -- clusters a (senders), b (receivers) and c (second senders) must run before a test
+  -- kills one
   setup(function()
     ensure_up(env.cluster("a"))
     ensure_up(env.cluster("b"))
+    ensure_up(env.cluster("c"))
   end)
 
+  -- The stream tests run three services on three clusters, each pair linked: senders
+  -- s (on a) and s2 (on c) stream to one listener of r (on b) at once; the link
+  -- between s and s2 carries no test traffic and must work at the end all the same.
   it("kill -9 of the receiver's cluster mid-stream: every message handled once, in order", function()
     local children, stop_s, stop_l = {}, os.tmpname(), os.tmpname()
     os.remove(stop_s); os.remove(stop_l)
-    local s, r, logs = fresh({ "fk1s", "fk1r" }, children, { stop_s, stop_l })
+    local s, r, logs, _, s2 = fresh({ "fk1s", "fk1r", "fk1t" }, children, { stop_s, stop_l })
     fault.prepare_receiver(r)
-    local sender, listener = start_stream(s, r, children, stop_s, stop_l)
-    local before_kill = fault.handled(r)
+    local senders, listener = start_stream({ s, s2 }, r, children, stop_s, stop_l)
+    local before_kill, before_kill2 = handled_from(r, s), handled_from(r, s2)
     assert(r.cluster:kill9())
     assert(r.cluster:start())
     ensure_up(r.cluster)
-    local sent = stop_after(sender, stop_s, 100)
+    local sent, sent2 = stop_after(senders, stop_s, 100)
     assert.is_true(sent.n_confirmed > before_kill + 100, "the kill did not happen mid-stream")
+    assert.is_true(sent2.n_confirmed > before_kill2 + 50, "the kill did not happen mid-stream of the second sender")
     assert.equal(0, sent.n_failed, "sends failed although the sender's database stayed up")
+    assert.equal(0, sent2.n_failed, "sends failed although the second sender's database stayed up")
 
-    local settled = settle(s, r, 120)
+    local settled = settle({ s, s2 }, r, 120)
     touch(stop_l)
     local lres = parse_listener(listener:finish(60))
-    local c = fault.check("receiver kill -9", s, r, sent)
-    print(("  [receiver kill -9] handled before kill=%d, listen errors: %s"):format(before_kill,
-      fault.codes_text(lres.error_codes)))
+    assert_link_works(s, s2, 60)
+    local c = fault.check("receiver kill -9", { { s, sent }, { s2, sent2 } }, r)
+    print(("  [receiver kill -9] handled before kill: %d from sender 1, %d from sender 2; listen errors: %s")
+      :format(before_kill, before_kill2, fault.codes_text(lres.error_codes)))
     assert.is_true(settled, "not everything was acknowledged and handled within 120 s")
     fault.assert_promise(c)
     -- the listener lost its server: listen may give up with a connection error once
@@ -379,33 +451,40 @@ describe("faults #fault", function()
     for code in pairs(lres.error_codes) do
       assert.is_truthy(code == "connection" or code == "closed", "listen failed: " .. table.concat(lres.errors, "\n"))
     end
-    assert.same({}, fault.log_errors(s, r, logs))
+    assert.same({}, fault.log_errors(s, r, s2, logs))
   end)
 
   it("kill -9 of the sender's cluster mid-stream: every send that returned is handled once, in order", function()
     local children, stop_s, stop_l = {}, os.tmpname(), os.tmpname()
     os.remove(stop_s); os.remove(stop_l)
-    local s, r, logs = fresh({ "fk2s", "fk2r" }, children, { stop_s, stop_l })
+    local s, r, logs, _, s2 = fresh({ "fk2s", "fk2r", "fk2t" }, children, { stop_s, stop_l })
     fault.prepare_receiver(r)
-    local sender, listener = start_stream(s, r, children, stop_s, stop_l)
+    local senders, listener = start_stream({ s, s2 }, r, children, stop_s, stop_l)
     assert(s.cluster:kill9())
-    local confirmed_at_kill = parse_sender(sender:output()).n_confirmed
+    local confirmed_at_kill = parse_sender(senders[1]:output()).n_confirmed
+    local confirmed2_at_kill = parse_sender(senders[2]:output()).n_confirmed
     assert(s.cluster:start())
     ensure_up(s.cluster)
-    local sent = stop_after(sender, stop_s, 100)
+    local confirmed2_at_up = parse_sender(senders[2]:output()).n_confirmed
+    local sent, sent2 = stop_after(senders, stop_s, 100)
     assert.is_true(sent.n_failed > 0, "no send failed: the kill did not happen mid-stream")
     assert.is_true(sent.n_confirmed > confirmed_at_kill, "no send returned after the restart")
+    -- only the first sender's cluster went down: the second went on sending meanwhile
+    assert.equal(0, sent2.n_failed, "sends failed although the second sender's database stayed up")
+    assert.is_true(confirmed2_at_up > confirmed2_at_kill, "the second sender stalled while the first's cluster was down")
 
-    local settled = settle(s, r, 120)
+    local settled = settle({ s, s2 }, r, 120)
     touch(stop_l)
     local lres = parse_listener(listener:finish(60))
-    local c = fault.check("sender kill -9", s, r, sent)
-    print(("  [sender kill -9] confirmed at kill=%d, failed sends: %s, listen errors: %s"):format(
-      confirmed_at_kill, fault.codes_text(sent.fail_codes), fault.codes_text(lres.error_codes)))
+    assert_link_works(s, s2, 60)
+    local c = fault.check("sender kill -9", { { s, sent }, { s2, sent2 } }, r)
+    print(("  [sender kill -9] confirmed at kill=%d, failed sends: %s; second sender confirmed %d while the first's "
+      .. "cluster was down; listen errors: %s"):format(confirmed_at_kill, fault.codes_text(sent.fail_codes),
+      confirmed2_at_up - confirmed2_at_kill, fault.codes_text(lres.error_codes)))
     assert.is_true(settled, "not everything was acknowledged and handled within 120 s")
     fault.assert_promise(c)
     assert.same({}, lres.errors)
-    assert.same({}, fault.log_errors(s, r, logs))
+    assert.same({}, fault.log_errors(s, r, s2, logs))
   end)
 
   -- Found by the receiver kill test, where one ack in a few runs never came back under
@@ -465,7 +544,8 @@ describe("faults #fault", function()
     fault.prepare_receiver(r)
     local acks = fault.sub_name(r, s)
     env.exec(s, ("alter subscription %s disable"):format(acks))
-    local sender = start_stream(s, r, children, stop_s, stop_l)
+    local senders = start_stream({ s }, r, children, stop_s, stop_l)
+    local sender = senders[1]
     local slot = fault.sub_name(s, r) -- the slot has its subscription's name
     local function wal_status()
       return env.scalar(s, "select wal_status from pg_replication_slots where slot_name = $1", slot)
@@ -515,7 +595,7 @@ describe("faults #fault", function()
     assert.same({}, assert(msgbus.setup.repair(s)))
 
     env.exec(s, ("alter subscription %s enable"):format(acks))
-    local sent = stop_after(sender, stop_s, 100)
+    local sent = stop_after(senders, stop_s, 100)
     local settled = settle(s, r, 120)
     local t_settled = core.now()
     touch(stop_l)
