@@ -168,6 +168,31 @@ describe("msgbus between two servers", function()
     assert.equal(0, inbox_count(payments))
   end)
 
+  it("send_many sends a list in one statement, in order, all or none", function()
+    local list = {}
+    for i = 1, 500 do list[i] = { i = i, big = 9007199254740993 } end
+    local ids = assert(sbus:send_many(payments.service, "many", list))
+    assert.equal(500, #ids)
+    assert.is_true(sbus:wait_ack(ids[500], 30))
+    local got = {}
+    assert.equal(500, pbus:listen(function(m)
+      assert.equal(9007199254740993, m.data.big)
+      got[#got + 1] = m.id
+    end, { max = 500, batch = 50, timeout = 10 }))
+    assert.same(ids, got)
+    -- one bad receiver: nothing is sent
+    local ok, err, code = sbus:send_many("nobody", "many", list)
+    assert.is_nil(ok)
+    assert.equal("MB001", code)
+    assert.matches("nobody", err)
+    local big = { {}, { pad = ("x"):rep(9 * 1024 * 1024) } }
+    ok, err, code = sbus:send_many(payments.service, "many", big)
+    assert.is_nil(ok)
+    assert.equal("too_large", code)
+    assert.matches("element 2", err)
+    assert.equal(0, outbox_count(store, payments))
+  end)
+
   it("hands messages from one sender over in send order", function()
     local n = 300
     assert(sbus:transaction(function()

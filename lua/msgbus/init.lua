@@ -33,6 +33,14 @@ local SQL = {
                      now() + make_interval(secs => $7::float8)) returning id),
            w as (insert into msgbus.waits (id) select id from m where $5::boolean)
            select id from m]],
+  -- send_many: one statement for a list of messages, in list order ($3 is a JSON
+  -- array of data objects; sent_at, stamped per row, keeps that order)
+  send_many = [[insert into msgbus.messages (receiver, type, data, not_before, expires_at)
+                select $1, $2, d, now() + make_interval(secs => $4::float8),
+                       now() + make_interval(secs => $5::float8)
+                  from jsonb_array_elements($3::jsonb) with ordinality as e(d, n)
+                 order by n
+                returning id]],
   acked = "select msgbus.acked($1::uuid) as acked",
   fail = "select msgbus.fail($1::uuid, $2, $3::integer) as dead",
   take_reply = "select * from msgbus.take_reply($1::uuid)",
@@ -391,6 +399,51 @@ function Bus:send(receiver, mtype, data, opts)
     if type(err) == "table" then return nil, err[1], err[2] end
     return nil, err, code
   end
+  return ids
+end
+
+--- bus:send_many(receiver, type, list [, opts]) -> ids | nil, err, code
+-- One message per element of list (an array of data tables), all to one receiver,
+-- with one type, in one statement: one round trip for the lot, in list order, all
+-- or none. opts.delay and opts.ttl as for send. ids are in list order.
+local MANY_MAX = 10000
+
+function Bus:send_many(receiver, mtype, list, opts)
+  bus_check(self)
+  check_service(receiver, 1, "receiver")
+  check_type(mtype, 2)
+  if type(list) ~= "table" or #list == 0 then
+    error("msgbus: bad argument #3 to 'send_many' (a non-empty array of data tables expected)", 2)
+  end
+  if #list > MANY_MAX then
+    error(("msgbus: bad argument #3 to 'send_many' (at most %d messages at once)"):format(MANY_MAX), 2)
+  end
+  local delay, ttl
+  if opts ~= nil then
+    if type(opts) ~= "table" then error("msgbus: bad argument #4 to 'send_many' (options table expected)", 2) end
+    delay = check_seconds(opts.delay, 4, "opts.delay")
+    ttl = check_seconds(opts.ttl, 4, "opts.ttl", true)
+  end
+  local parts = {}
+  for i = 1, #list do
+    local ok, json = pcall(encode_data, list[i], 3)
+    if not ok then
+      local msg = tostring(json)
+      error(((msg:match("msgbus: .*$") or msg):gsub("%(", ("to 'send_many' (element %d: "):format(i), 1)), 2)
+    end
+    if #json > self.max_data_bytes then
+      return fail(("message data of element %d is %d bytes, more than the limit of %d")
+        :format(i, #json, self.max_data_bytes), "too_large")
+    end
+    parts[i] = json
+  end
+  if receiver == self.service then
+    return fail(("service %q cannot send to itself"):format(receiver), "MB002")
+  end
+  local rows, err, code = run(self, "send_many", receiver, mtype, "[" .. table.concat(parts, ",") .. "]", delay, ttl)
+  if not rows then return translate(err, code, receiver) end
+  local ids = {}
+  for i, r in ipairs(rows) do ids[i] = r.id end
   return ids
 end
 
