@@ -179,7 +179,7 @@ local function handler(m)
 end
 local total = 0
 while true do
-  local n, err, code = bus:listen(handler, { timeout = A.idle })
+  local n, err, code = bus:listen(handler, { timeout = A.idle, batch = A.batch })
   if n then
     total = total + n
     if n == 0 and exists(A.stop) then break end
@@ -360,22 +360,22 @@ local function fresh(prefixes, children, files, where)
 end
 
 -- A listener child on r and a sender child per service in `senders` streaming to it
--- (each at most 3,000 messages, about 150 a second: 19 single-message transactions,
+-- (each at most 6,000 messages, about 500 a second: 4 single-message transactions,
 -- then one of 50), all running when this returns: mid-stream, the receiver has
 -- handled some of every sender's and the senders are still sending. Returns the
--- sender children (in the order of `senders`) and the listener. The streams are
--- slower than the listener, and each test stops them soon after its fault, so the
--- backlog stays a few hundred: claim() costs grow with the backlog (see "keeps index
--- speed" below), and a large one would drown the faults these tests are about in
--- slowness.
-local function start_stream(senders, r, children, stop_s, stop_l)
+-- sender children (in the order of `senders`) and the listener. With `listen_batch`
+-- the listener takes that many messages a transaction (listen's opts.batch), which
+-- is then under the fault as well. The streams outrun a listener during and after
+-- a fault, so thousands of messages are in flight (sent, not yet acknowledged or
+-- handled) when the checker starts counting.
+local function start_stream(senders, r, children, stop_s, stop_l, listen_batch)
   children[#children + 1] = spawn("listener", LISTENER, { conninfo = r.conninfo .. " application_name=fault_listener",
-    stop = stop_l, idle = 1.0, slow = 0, max_attempts = 1000 })
+    stop = stop_l, idle = 1.0, slow = 0, max_attempts = 1000, batch = listen_batch })
   local listener = children[#children]
   local streams = {}
   for k, s in ipairs(senders) do
     children[#children + 1] = spawn("sender " .. k, SENDER, { conninfo = s.conninfo, receiver = r.service,
-      stop = stop_s, max = 3000, batch = 50, batch_every = 20, pace = 0.02 })
+      stop = stop_s, max = 6000, batch = 50, batch_every = 5, pace = 0.02 })
     streams[k] = children[#children]
   end
   local each = 100 // #senders
@@ -426,13 +426,16 @@ describe("faults #fault", function()
     os.remove(stop_s); os.remove(stop_l)
     local s, r, logs, _, s2 = fresh({ "fk1s", "fk1r", "fk1t" }, children, { stop_s, stop_l })
     fault.prepare_receiver(r)
-    local senders, listener = start_stream({ s, s2 }, r, children, stop_s, stop_l)
+    -- the listener takes 20 messages a transaction: batches are killed mid-way too
+    local senders, listener = start_stream({ s, s2 }, r, children, stop_s, stop_l, 20)
     local before_kill, before_kill2 = handled_from(r, s), handled_from(r, s2)
     assert(r.cluster:kill9())
     assert(r.cluster:start())
     ensure_up(r.cluster)
-    local sent, sent2 = stop_after(senders, stop_s, 100)
-    assert.is_true(sent.n_confirmed > before_kill + 100, "the kill did not happen mid-stream")
+    local sent, sent2 = stop_after(senders, stop_s, 1000)
+    print(("\n  [receiver kill -9] in flight when the senders stopped: %d from sender 1, %d from sender 2")
+      :format(sent.n_confirmed - handled_from(r, s), sent2.n_confirmed - handled_from(r, s2)))
+    assert.is_true(sent.n_confirmed > before_kill + 1000, "the kill did not happen mid-stream")
     assert.is_true(sent2.n_confirmed > before_kill2 + 50, "the kill did not happen mid-stream of the second sender")
     assert.equal(0, sent.n_failed, "sends failed although the sender's database stayed up")
     assert.equal(0, sent2.n_failed, "sends failed although the second sender's database stayed up")
@@ -466,7 +469,9 @@ describe("faults #fault", function()
     assert(s.cluster:start())
     ensure_up(s.cluster)
     local confirmed2_at_up = parse_sender(senders[2]:output()).n_confirmed
-    local sent, sent2 = stop_after(senders, stop_s, 100)
+    local sent, sent2 = stop_after(senders, stop_s, 1000)
+    print(("\n  [sender kill -9] in flight when the senders stopped: %d from sender 1, %d from sender 2")
+      :format(sent.n_confirmed - handled_from(r, s), sent2.n_confirmed - handled_from(r, s2)))
     assert.is_true(sent.n_failed > 0, "no send failed: the kill did not happen mid-stream")
     assert.is_true(sent.n_confirmed > confirmed_at_kill, "no send returned after the restart")
     -- only the first sender's cluster went down: the second went on sending meanwhile
