@@ -5,11 +5,13 @@
 --     core.now() - data.t at the start of the handler (both ends read CLOCK_MONOTONIC,
 --     which is system-wide on Linux). Prints "n s1 .. sn" (seconds).
 --
---   lua5.4 bench/listener.lua batch CONNINFO MARKFILE B1 B2 ...
+--   lua5.4 bench/listener.lua batch CONNINFO MARKFILE [batch=K] B1 B2 ...
 --     handles messages with a handler that does nothing, stopping at each count Bi
---     (ascending) to append "Bi time VmRSS_KiB LuaHeap_KiB" to MARKFILE (first a line
---     for 0 when ready), flushed at once so that run.lua can read the progress of a
---     run it gives up on. Prints "done" at the end.
+--     (ascending) to append "Bi time VmRSS_KiB LuaHeap_KiB LiveHeap_KiB" to MARKFILE
+--     (first a line for 0 when ready; LiveHeap: the heap after a full collection, made
+--     after the other two are read), flushed at once so that run.lua can read the
+--     progress of a run it gives up on. With batch=K, through listen { batch = K }.
+--     Prints "done" at the end.
 --
 -- Both modes first print "ready PID" once connected and listening.
 local core = require "msgbus.core"
@@ -19,7 +21,7 @@ local IDLE_LIMIT = 300 -- seconds without a message before giving up
 
 local mode, conninfo = arg[1], arg[2]
 if (mode ~= "latency" and mode ~= "batch") or not conninfo or not arg[3] or (mode == "batch" and not arg[4]) then
-  io.stderr:write("usage: listener.lua latency CONNINFO N | batch CONNINFO MARKFILE B1 [B2 ...]\n")
+  io.stderr:write("usage: listener.lua latency CONNINFO N | batch CONNINFO MARKFILE [batch=K] B1 [B2 ...]\n")
   os.exit(2)
 end
 
@@ -65,16 +67,23 @@ if mode == "latency" then
 else
   local marks = io.open(arg[3], "w") or die("cannot write " .. arg[3])
   local function mark(count)
-    marks:write(("%d %.9f %d %.1f\n"):format(count, core.now(), rss_kib(), collectgarbage("count")))
+    local t, rss, heap = core.now(), rss_kib(), collectgarbage("count")
+    collectgarbage("collect")
+    marks:write(("%d %.9f %d %.1f %.1f\n"):format(count, t, rss, heap, collectgarbage("count")))
     marks:flush()
+  end
+  local first, batch = 4, nil
+  if arg[4]:match("^batch=") then
+    batch = math.tointeger(tonumber(arg[4]:match("^batch=(.*)$"))) or die("bad " .. arg[4])
+    first = 5
   end
   mark(0)
   local done = 0
   local function noop() end
-  for i = 4, #arg do
+  for i = first, #arg do
     local stop = math.tointeger(tonumber(arg[i])) or die("bad count " .. arg[i])
     if stop > done then
-      local got, lerr = bus:listen(noop, { max = stop - done, timeout = IDLE_LIMIT })
+      local got, lerr = bus:listen(noop, { max = stop - done, timeout = IDLE_LIMIT, batch = batch })
       if not got then die(lerr) end
       done = done + got
       if done < stop then die(("only %d of %d messages arrived"):format(done, stop)) end

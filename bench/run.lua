@@ -36,16 +36,42 @@ local N = {
   sends = scaled(2000, 100),     -- single-message transactions
   consume = scaled(5000, 100),   -- pre-filled inbox
   big = scaled(100000, 2000),    -- one transaction
-  mem_small = scaled(10000, 100) -- listener RSS checkpoint (the other is `big`)
+  mem_small = scaled(10000, 100), -- listener RSS checkpoint (the other is `big`)
+  fanin = scaled(3000, 100),     -- per sending service, single-message transactions
 }
 N.small = math.min(1000, N.big)  -- the small backlog
-local BATCH = 50                 -- listen's opts.batch in figure 4's second row
+local BATCH = 50                 -- listen's opts.batch in figure 4's second row, 6 at BENCH_MEMORY, and 7
 N.window = math.min(500, N.small - 1)
 if N.mem_small >= N.big then N.mem_small = math.floor(N.big / 10) end
 
--- The big batch gives up (and says how far it got) when the run would pass this.
-local BUDGET = tonumber(os.getenv("BENCH_BUDGET") or "") or 300 * math.max(1, SCALE)
+-- Figure 7: the sending services (each its own database on cluster a), and how many
+-- rounds of "each alone, then all at once" (the second round in the opposite order)
+-- share N.fanin messages per sender.
+local FANIN = { "fan1", "fan2", "fan3" }
+local FANIN_ROUNDS = 2
+
+-- BENCH_MEMORY=n: figure 6 from a listener of its own that handles n messages (not
+-- scaled), fed in transactions of MEMORY_TX and handled with listen { batch = BATCH },
+-- as the last phase; its allowance of MEMORY_PER_MSG s a message is added to the budget.
+local MEMORY = os.getenv("BENCH_MEMORY")
+if MEMORY then
+  MEMORY = math.tointeger(tonumber(MEMORY))
+  if not MEMORY or MEMORY < 20000 then
+    io.stderr:write("bench: BENCH_MEMORY must be a whole number of messages, at least 20000\n")
+    os.exit(2)
+  end
+end
+local MEMORY_TX = 10000
+local MEMORY_PER_MSG = 2e-3
+local MEMORY_ALLOWANCE = MEMORY and MEMORY * MEMORY_PER_MSG or 0
+
+-- The big batch gives up (and says how far it got) when the run would pass this; with
+-- BENCH_MEMORY it must leave the memory phase its allowance, and that phase gives up
+-- at the end of the budget.
+-- (300 s was the budget of figures 1 to 6; figure 7 takes about two minutes more.)
+local BUDGET = tonumber(os.getenv("BENCH_BUDGET") or "") or 420 * math.max(1, SCALE) + MEMORY_ALLOWANCE
 local BUDGET_END = T_START + BUDGET - 15  -- leaves time to stop the clusters and report
+local BATCHES_END = BUDGET_END - MEMORY_ALLOWANCE
 
 -- An ack that has not come after this long (seconds) for a single message is lost;
 -- they come in milliseconds.
@@ -141,12 +167,15 @@ local function raw_spawn(...)
   return spawn(table.concat(parts, " "))
 end
 
-local function listener_spawn(mode, conninfo, ...)
+local function lua_spawn(file, mode, conninfo, ...)
   local parts = { "exec", "env", "LUA_PATH=" .. q(package.path), "LUA_CPATH=" .. q(package.cpath), q(LUA),
-                  q(script_dir .. "/listener.lua"), mode, q(conninfo) }
-  for _, a in ipairs { ... } do parts[#parts + 1] = tostring(a) end
+                  q(script_dir .. "/" .. file), mode, q(conninfo) }
+  for _, a in ipairs { ... } do parts[#parts + 1] = q(tostring(a)) end
   return spawn(table.concat(parts, " "))
 end
+
+local function listener_spawn(mode, conninfo, ...) return lua_spawn("listener.lua", mode, conninfo, ...) end
+local function fanin_spawn(mode, conninfo, ...) return lua_spawn("fanin.lua", mode, conninfo, ...) end
 
 -- An administrative connection (superuser) to one database.
 local admin = {}
@@ -521,7 +550,7 @@ local function read_marks(path)
   if not f then return marks end
   for line in f:lines() do
     local v = numbers(line)
-    if #v == 4 then marks[#marks + 1] = { count = v[1], t = v[2], rss = v[3], heap = v[4] } end
+    if #v == 5 then marks[#marks + 1] = { count = v[1], t = v[2], rss = v[3], heap = v[4], live = v[5] } end
   end
   f:close()
   return marks
@@ -607,7 +636,7 @@ local function phase_batches()
   local w = N.window
   quiet("5. batch small")
   log("5. batch of %d (small backlog), no-op listener running", N.small)
-  R.small = msgbus_batch(N.small, { 1, 1 + w, N.small }, BUDGET_END)
+  R.small = msgbus_batch(N.small, { 1, 1 + w, N.small }, BATCHES_END)
   if not R.small.all then error("the small batch did not finish within the time budget") end
 
   -- Scale the big batch down when the small one says it cannot finish in the time
@@ -619,7 +648,7 @@ local function phase_batches()
   local steady = (sm.by[N.small].t - sm.by[1 + w].t) / (N.small - 1 - w)
   local per = sm.send / N.small + steady
   local once = math.max(0, sm.consumed - N.small * steady)
-  local left = BUDGET_END - core.now() - 10
+  local left = BATCHES_END - core.now() - 10
   local function projected(n) return once + n * per * 1.5 + n * 1e-4 end
   if projected(N.big) > left then
     local fit = N.big
@@ -647,8 +676,298 @@ local function phase_batches()
   if not have[N.mem_small] then stops[#stops + 1] = N.mem_small end
   table.sort(stops)
   log("3. batch of %d in one transaction, no-op listener running (gives up after %.0f s)",
-    N.big, BUDGET_END - core.now())
-  R.big = msgbus_batch(N.big, stops, BUDGET_END)
+    N.big, BATCHES_END - core.now())
+  R.big = msgbus_batch(N.big, stops, BATCHES_END)
+end
+
+---------------------------------------------------------------------------
+-- 7. Fan-in: three sending services at once to one receiver
+---------------------------------------------------------------------------
+
+local fans, fan_bus = {}, {}  -- { service, conninfo } of the senders on cluster a, and their buses
+local CLK_TCK = 100           -- clock ticks a second of /proc/*/stat (getconf CLK_TCK at start)
+
+local function read_all(path)
+  local f = io.open(path, "r")
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+-- A process's CPU time (utime + stime) and its time spent runnable, waiting for a CPU
+-- (schedstat), in seconds; nil once it is gone.
+local function proc_cpu(pid)
+  local stat = read_all("/proc/" .. pid .. "/stat")
+  local rest = stat and stat:match("^%d+ %b() (.*)$")
+  if not rest then return nil end
+  local f = {}
+  for w in rest:gmatch("%S+") do f[#f + 1] = w end
+  local sched = numbers(read_all("/proc/" .. pid .. "/schedstat"))
+  return (tonumber(f[12]) + tonumber(f[13])) / CLK_TCK, (sched[2] or 0) / 1e9
+end
+
+-- What a server process does, from the title PostgreSQL gives it.
+local function server_kind(pid)
+  local title = (read_all("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
+  if title:find("logical replication worker", 1, true) or title:find("logical replication apply worker", 1, true) then
+    return "apply workers"
+  elseif title:find("walsender", 1, true) then
+    return "walsenders"
+  elseif title:find("%(%d+%)") then  -- host(port): a client's session
+    return "backends"
+  end
+  return "background"  -- WAL writer, checkpointer, autovacuum, launchers
+end
+
+-- CPU seconds of every server process of both clusters (named by cluster and kind,
+-- or by `roles[pid]`), of our child processes (named by `roles[pid]`), and of the
+-- whole machine.
+local function cpu_snapshot(roles)
+  local s = { t = core.now(), procs = {} }
+  for _, c in ipairs { { A, "a" }, { B, "b" } } do
+    local pm = tonumber((read_all(c[1].datadir .. "/postmaster.pid") or ""):match("^%s*(%d+)"))
+    for pid in sh("pgrep -P " .. math.tointeger(pm)):gmatch("%d+") do
+      local cpu, wait = proc_cpu(pid)
+      pid = tonumber(pid)
+      if cpu then s.procs[pid] = { who = roles[pid] or c[2] .. " " .. server_kind(pid), cpu = cpu, wait = wait } end
+    end
+  end
+  for pid, role in pairs(roles) do
+    local cpu, wait = proc_cpu(pid)
+    if cpu then s.procs[pid] = { who = role, cpu = cpu, wait = wait } end
+  end
+  -- cpu  user nice system idle iowait irq softirq steal ...
+  local v = numbers((read_all("/proc/stat") or ""):match("^cpu%s+([^\n]*)"))
+  s.busy = (v[1] + v[2] + v[3] + v[6] + v[7] + (v[8] or 0)) / CLK_TCK
+  s.iowait = v[5] / CLK_TCK
+  return s
+end
+
+-- Adds the CPU used and the time spent waiting for a CPU between two snapshots to
+-- `into` (kinds summed, and the busiest single apply worker on b as a share of one core).
+local function cpu_add(into, before, after)
+  local wall = after.t - before.t
+  into.wall = into.wall + wall
+  for pid, p in pairs(after.procs) do
+    local b = before.procs[pid]
+    local same = b and b.who == p.who
+    local used = p.cpu - (same and b.cpu or 0)
+    into.who[p.who] = (into.who[p.who] or 0) + used
+    into.wait[p.who] = (into.wait[p.who] or 0) + p.wait - (same and b.wait or 0)
+    if p.who == "b apply workers" then into.busiest = math.max(into.busiest, used / wall) end
+  end
+  into.busy = into.busy + after.busy - before.busy
+  into.iowait = into.iowait + after.iowait - before.iowait
+end
+
+local function wal_stats()
+  local w = {}
+  for _, c in ipairs { { "a", store.conninfo }, { "b", payments.conninfo } } do
+    w[c[1]] = sql(c[2], "select wal_sync::int8 as syncs, wal_sync_time as sync_ms from pg_stat_wal")[1]
+  end
+  return w
+end
+
+-- pg_stat_wal is complete once every process that wrote WAL flushed its counters: a
+-- backend does when it exits, an apply worker at a commit at least a second after its
+-- previous flush. So wait a second, send one message through each pair `who` and
+-- wait for its ack (a commit in both apply workers), then read.
+local function fan_settled(who)
+  core.sleep(1.1)
+  local ids = {}
+  for _, i in ipairs(who) do ids[i] = check(fan_bus[i]:send("payments", "bench.flush", {})) end
+  for _, i in ipairs(who) do check(fan_bus[i]:wait_ack(ids[i], LOST_AFTER)) end
+  sql(payments.conninfo, "delete from msgbus.inbox where type = 'bench.flush'")
+  return wal_stats()
+end
+
+local function fan_acc()
+  return { n = 0, t_ack = 0, t_con = 0, senders = {}, runs = 0,
+           cpu = { wall = 0, who = {}, wait = {}, busiest = 0, busy = 0, iowait = 0 },
+           wal = { a = { syncs = 0, sync_ms = 0 }, b = { syncs = 0, sync_ms = 0 } } }
+end
+
+-- One run: the senders `who` (indexes into `fans`), each its own process, send n
+-- messages each, starting at the same moment, while a listener process on payments
+-- handles them all with listen { batch = BATCH }. Adds its figures to `acc`.
+local function fanin_run(who, n, acc)
+  quiet()
+  for _, f in ipairs(fans) do script(f.conninfo, "vacuum") end
+  local wal0 = fan_settled(who)
+  local gofile = tmpdir .. "/fanin-go"
+  os.remove(gofile)
+  local l = fanin_spawn("listen", payments.conninfo, n * #who, BATCH, gofile)
+  local roles = { [l.pid] = "listener process (Lua)" }
+  local senders, running = {}, {}
+  for k, i in ipairs(who) do
+    senders[k] = fanin_spawn("send", fans[i].conninfo, "payments", n, gofile)
+    roles[senders[k].pid] = "sender processes (Lua)"
+    running["msgbus_payments_to_" .. fans[i].service] = true
+  end
+  -- every walsender of payments decodes all its WAL; only those of the running
+  -- senders' links have acks to send
+  for _, r in ipairs(sql(payments.conninfo, [[select active_pid as pid, slot_name as name
+                                                from pg_replication_slots where active_pid is not null]])) do
+    roles[r.pid] = running[r.name] and "b walsenders, running" or "b walsenders, idle"
+  end
+  local c0 = cpu_snapshot(roles)
+  check(io.open(gofile, "w")):close()
+  local first, acked = math.huge, 0
+  for k, c in ipairs(senders) do
+    local v = numbers(c.p:read("l"))
+    if #v ~= 3 then error("a fan-in sender failed (see its message above)") end
+    local s = acc.senders[who[k]] or { n = 0, send = 0, lag = 0 }
+    s.n, s.send, s.lag = s.n + n, s.send + v[2] - v[1], s.lag + v[3] - v[2]
+    acc.senders[who[k]] = s
+    first, acked = math.min(first, v[1]), math.max(acked, v[3])
+  end
+  local consumed = numbers(l.p:read("l"))[1]
+  if not consumed then error("the fan-in listener failed (see its message above)") end
+  local c1 = cpu_snapshot(roles)
+  os.remove(gofile)
+  for _, c in ipairs(senders) do finish(c) end
+  finish(l)
+  local wal1 = fan_settled(who)
+  cpu_add(acc.cpu, c0, c1)
+  for side, w in pairs(wal1) do
+    acc.wal[side].syncs = acc.wal[side].syncs + w.syncs - wal0[side].syncs
+    acc.wal[side].sync_ms = acc.wal[side].sync_ms + w.sync_ms - wal0[side].sync_ms
+  end
+  acc.n, acc.runs = acc.n + n * #who, acc.runs + 1
+  acc.t_ack, acc.t_con = acc.t_ack + acked - first, acc.t_con + consumed - first
+end
+
+local function set_wal_timing(on)
+  for _, ci in ipairs { store.conninfo, payments.conninfo } do
+    sql(ci, on and "alter system set track_wal_io_timing = on" or "alter system reset track_wal_io_timing")
+    sql(ci, "select pg_reload_conf()")
+  end
+end
+
+-- 7. The senders get their databases and links for this figure only: each link adds
+-- a walsender on b that decodes all of payments' WAL, which would weigh on the others.
+local function phase_fanin()
+  quiet("7. fan-in")
+  for i, name in ipairs(FANIN) do
+    fans[i] = { service = name, conninfo = A:conninfo(name) }
+    check(A:createdb(name))
+    log("7. fan-in: linking %s (a) and payments (b)", name)
+    check(msgbus.setup.link(fans[i], payments))
+    fan_bus[i] = check(msgbus.connect(fans[i].conninfo))
+  end
+  set_wal_timing(true)
+  -- the new subscriptions' workers start within seconds; the first messages also
+  -- make the plans of every statement on the way
+  log("7. fan-in: %d warm-up messages from each sender", N.warm)
+  local last = {}
+  for i = 1, #fans do
+    for j = 1, N.warm do last[i] = check(fan_bus[i]:send("payments", "bench.warm", { n = j })) end
+  end
+  for i = 1, #fans do check(fan_bus[i]:wait_ack(last[i], 60)) end
+
+  local n = math.max(1, N.fanin // FANIN_ROUNDS)
+  local alone, together = {}, fan_acc()
+  for i = 1, #fans do alone[i] = fan_acc() end
+  local every = {}
+  for i = 1, #fans do every[i] = i end
+  local function each_alone(round)
+    for i = 1, #fans do
+      log("7. fan-in, round %d of %d: %s alone, %d messages", round, FANIN_ROUNDS, FANIN[i], n)
+      fanin_run({ i }, n, alone[i])
+    end
+  end
+  local function all_at_once(round)
+    log("7. fan-in, round %d of %d: %d senders at once, %d messages each", round, FANIN_ROUNDS, #fans, n)
+    fanin_run(every, n, together)
+  end
+  for round = 1, FANIN_ROUNDS do
+    if round % 2 == 1 then
+      each_alone(round)
+      all_at_once(round)
+    else
+      all_at_once(round)
+      each_alone(round)
+    end
+  end
+  R.fanin = { n = n, alone = alone, together = together }
+
+  set_wal_timing(false)
+  quiet()
+  for i, f in ipairs(fans) do
+    fan_bus[i]:close()
+    log("7. fan-in: unlinking %s", f.service)
+    check(msgbus.setup.unlink(f, payments))
+  end
+end
+
+---------------------------------------------------------------------------
+-- 6 at BENCH_MEMORY: a listener's memory over a long run
+---------------------------------------------------------------------------
+
+-- A listener process handles MEMORY messages with listen { batch = BATCH } and notes
+-- its VmRSS and Lua heap along the way. The store feeds it in transactions of
+-- MEMORY_TX, each sent once the previous one is acked and the inbox holds at most two
+-- more, so the listener always has work and the backlog stays that of a listener that
+-- keeps up. Gives up at the end of the budget and says how far it got.
+local function phase_memory()
+  local n = MEMORY
+  quiet("6. memory")
+  local stops, have = {}, {}
+  for _, c in ipairs { 1000, 10000, 100000, n } do have[c] = true end
+  for i = 1, 9 do have[n * i // 10] = true end
+  for c in pairs(have) do
+    if c <= n then stops[#stops + 1] = c end
+  end
+  table.sort(stops)
+  local markfile = tmpdir .. "/marks-memory"
+  local l = listener_spawn("batch", payments.conninfo, markfile, "batch=" .. BATCH, table.unpack(stops))
+  log("6. memory: %d messages in transactions of %d, listen { batch = %d } (gives up after %.0f s)",
+    n, MEMORY_TX, BATCH, BUDGET_END - core.now())
+  local seen0 = count(payments.conninfo, "msgbus.seen")
+  local res = { n = n, t0 = core.now(), txs = 0 }
+  local fed, last = 0, nil
+  local function out_of_time() return core.now() > BUDGET_END end
+  while fed < n and not out_of_time() do
+    while last and not out_of_time() do
+      local acked, aerr, acode = sbus:wait_ack(last, 0.2)
+      if acked then break end
+      if acode ~= "timeout" then error(aerr) end
+    end
+    while not out_of_time() and count(payments.conninfo, "msgbus.inbox") > 2 * MEMORY_TX do core.sleep(0.2) end
+    if out_of_time() then break end
+    local k = math.min(MEMORY_TX, n - fed)
+    check(sbus:transaction(function()
+      for i = 1, k do last = send("payments", "bench", { n = fed + i }) end
+    end))
+    fed, res.txs = fed + k, res.txs + 1
+  end
+  local marks
+  while true do
+    marks = read_marks(markfile)
+    if (marks[#marks] and marks[#marks].count == n) or out_of_time() then break end
+    core.sleep(0.5)
+  end
+  res.marks, res.by = marks, {}
+  for _, m in ipairs(marks) do res.by[m.count] = m end
+  if res.by[n] then
+    finish(l)
+    res.time = res.by[n].t - res.t0
+    while not out_of_time() do
+      local acked, aerr, acode = sbus:wait_ack(last, 0.2)
+      if acked then res.acked = true break end
+      if acode ~= "timeout" then error(aerr) end
+    end
+  else
+    os.execute("kill " .. math.tointeger(l.pid))
+    l.p:close()
+    children[l.pid] = nil
+    res.gave_up = core.now() - res.t0
+    res.fed = fed
+    res.n_delivered = count(payments.conninfo, "msgbus.seen") - seen0
+    res.n_consumed = res.n_delivered - count(payments.conninfo, "msgbus.inbox")
+  end
+  R.mem = res
 end
 
 ---------------------------------------------------------------------------
@@ -695,7 +1014,10 @@ end
 
 local function ms(v) return type(v) == "number" and v * 1000 or v end
 local function us(v) return type(v) == "number" and v * 1e6 or v end
-local function k(n) return n >= 1000 and (("%gk"):format(n / 1000)) or tostring(n) end
+local function k(n)
+  if n >= 1e6 and n % 1e5 == 0 then return ("%gM"):format(n / 1e6) end
+  return n >= 1000 and (("%gk"):format(n / 1000)) or tostring(n)
+end
 
 local function scans_table(b)
   local srows = {}
@@ -733,6 +1055,74 @@ local function functions_table(b)
     end
   end
   return fmt_table(frows, { "function", "calls", "total ms", "µs/call" })
+end
+
+-- Figure 7: where the time went, the pairs alone (summed) next to all at once.
+local FANIN_WHO = {
+  { "b apply workers", "b: apply workers (the senders' subscriptions)" },
+  { "b walsenders, running", "b: walsenders of the running senders' links (acks)" },
+  { "b walsenders, idle", "b: walsenders of the other links (decode only)" },
+  { "b backends", "b: sessions (the listener's, the bench's)" },
+  { "b background", "b: WAL writer, checkpointer, autovacuum" },
+  { "a apply workers", "a: apply workers (acks arriving)" },
+  { "a walsenders", "a: walsenders (the senders' outboxes)" },
+  { "a backends", "a: sessions (the senders')" },
+  { "a background", "a: WAL writer, checkpointer, autovacuum" },
+  { "sender processes (Lua)", "sender processes (Lua)" },
+  { "listener process (Lua)", "listener process (Lua)" },
+}
+
+local function fanin_table(F)
+  local alone = { n = 0, cpu = { wall = 0, who = {}, wait = {}, busiest = 0, busy = 0, iowait = 0 },
+                  wal = { a = { syncs = 0, sync_ms = 0 }, b = { syncs = 0, sync_ms = 0 } } }
+  for _, a in ipairs(F.alone) do
+    alone.n = alone.n + a.n
+    local c = alone.cpu
+    c.wall, c.busy, c.iowait = c.wall + a.cpu.wall, c.busy + a.cpu.busy, c.iowait + a.cpu.iowait
+    c.busiest = math.max(c.busiest, a.cpu.busiest)
+    for who, v in pairs(a.cpu.who) do c.who[who] = (c.who[who] or 0) + v end
+    for who, v in pairs(a.cpu.wait) do c.wait[who] = (c.wait[who] or 0) + v end
+    for side, w in pairs(a.wal) do
+      alone.wal[side].syncs = alone.wal[side].syncs + w.syncs
+      alone.wal[side].sync_ms = alone.wal[side].sync_ms + w.sync_ms
+    end
+  end
+  local cols = { alone, F.together }
+  local trows = {}
+  local function add(label, f)
+    local r = { label }
+    for _, x in ipairs(cols) do
+      local per, share, wait = f(x)
+      r[#r + 1], r[#r + 2], r[#r + 3] = per, share, wait or ""
+    end
+    trows[#trows + 1] = r
+  end
+  local function cpu(seconds, x, wait)
+    return ("%.0f µs"):format(seconds * 1e6 / x.n), ("%.2f cores"):format(seconds / x.cpu.wall),
+      wait and ("%.0f µs"):format(wait * 1e6 / x.n)
+  end
+  for _, w in ipairs(FANIN_WHO) do
+    add(w[2], function(x) return cpu(x.cpu.who[w[1]] or 0, x, x.cpu.wait[w[1]] or 0) end)
+  end
+  add("all of the above", function(x)
+    local sum, wait = 0, 0
+    for who, v in pairs(x.cpu.who) do sum, wait = sum + v, wait + x.cpu.wait[who] end
+    return cpu(sum, x, wait)
+  end)
+  add("the whole machine, busy (other users' work too)", function(x) return cpu(x.cpu.busy, x) end)
+  add("the whole machine, waiting for I/O", function(x) return cpu(x.cpu.iowait, x) end)
+  add("b: the busiest single apply worker", function(x) return "", ("%.2f cores"):format(x.cpu.busiest) end)
+  for _, side in ipairs { "b", "a" } do
+    add(side .. ": WAL fsyncs (pg_stat_wal), and share of the time one ran", function(x)
+      local w = x.wal[side]
+      return ("%.2f a msg"):format(w.syncs / x.n), ("%.0f %%"):format(w.sync_ms / 10 / x.cpu.wall)
+    end)
+  end
+  return ("Figure 7: CPU time a message, cores busy (CPU s / wall s) and time spent waiting for a CPU (runnable, from"
+    .. " /proc/PID/schedstat) a message; %s messages of the pairs alone (summed) and %s at once\n")
+    :format(k(alone.n), k(F.together.n))
+    .. fmt_table(trows, { "process", "alone: CPU", "alone: share", "alone: CPU wait",
+                          "at once: CPU", "at once: share", "at once: CPU wait" })
 end
 
 local function report(total)
@@ -778,12 +1168,41 @@ local function report(total)
   end
   row(("5. consume per msg, first %d at backlog %s [base: backlog %s]"):format(1 + w, bn, k(s.n)),
       window(big), window(s), "µs", "%.1f")
-  local m0, m1, m2 = big.by[0], big.by[N.mem_small], big.by[big.n]
   local function rss(m, n) return m and rss_mib(m.rss) or ("n/a: %s messages not consumed"):format(k(n)) end
-  row(("6. listener VmRSS after %s msgs [base: when ready]"):format(k(N.mem_small)),
-      rss(m1, N.mem_small), rss(m0, 0), "MiB", "%.1f")
-  row(("6. listener VmRSS after %s msgs [base: after %s]"):format(bn, k(N.mem_small)),
-      rss(m2, big.n), rss(m1, N.mem_small), "MiB", "%.1f")
+  local function live(m, n) return m and m.live or ("n/a: %s messages not consumed"):format(k(n)) end
+  if R.mem then
+    local M = R.mem
+    local m10, m100 = M.by[10000], M.by[100000]
+    local how = ("listen { batch = %d }"):format(BATCH)
+    row(("6. listener VmRSS after 10k msgs, %s [base: when ready]"):format(how), rss(m10, 10000), rss(M.by[0], 0),
+        "MiB", "%.1f")
+    if M.n > 100000 then
+      row("6. listener VmRSS after 100k msgs [base: after 10k]", rss(m100, 100000), rss(m10, 10000), "MiB", "%.1f")
+    end
+    row(("6. listener VmRSS after %s msgs [base: after 10k]"):format(k(M.n)), rss(M.by[M.n], M.n), rss(m10, 10000),
+        "MiB", "%.1f")
+    if M.n > 100000 then
+      row("6. listener Lua heap, live (after a full GC), after 100k msgs [base: after 10k]", live(m100, 100000),
+          live(m10, 10000), "KiB", "%.1f")
+    end
+    row(("6. listener Lua heap, live (after a full GC), after %s msgs [base: after 10k]"):format(k(M.n)),
+        live(M.by[M.n], M.n), live(m10, 10000), "KiB", "%.1f")
+  else
+    local m0, m1, m2 = big.by[0], big.by[N.mem_small], big.by[big.n]
+    row(("6. listener VmRSS after %s msgs [base: when ready]"):format(k(N.mem_small)),
+        rss(m1, N.mem_small), rss(m0, 0), "MiB", "%.1f")
+    row(("6. listener VmRSS after %s msgs [base: after %s]"):format(bn, k(N.mem_small)),
+        rss(m2, big.n), rss(m1, N.mem_small), "MiB", "%.1f")
+  end
+  local F = R.fanin
+  local alone_ack, alone_con = 0, 0
+  for _, a in ipairs(F.alone) do
+    alone_ack, alone_con = alone_ack + a.n / a.t_ack, alone_con + a.n / a.t_con
+  end
+  row(("7. fan-in: receiver msg/s with %d senders at once [base: sum of the %d pairs alone]"):format(#FANIN, #FANIN),
+      F.together.n / F.together.t_ack, alone_ack, "msg/s", "%.0f")
+  row(("7. fan-in: consumed msg/s, listen { batch = %d }, %d at once [base: same, sum alone]"):format(BATCH, #FANIN),
+      F.together.n / F.together.t_con, alone_con, "msg/s", "%.0f")
 
   print(("msgbus benchmarks: PostgreSQL %s, %s cores, BENCH_SCALE=%g, total %.0f s")
     :format(R.pg_version or "?", R.cores or "?", SCALE, total))
@@ -819,9 +1238,50 @@ local function report(total)
     :format(k(N.consume), R.fill.send, R.fill.ack, R.raw_fill.send, R.raw_fill.ack))
   local mem = {}
   for _, m in ipairs(big.marks) do
-    mem[#mem + 1] = ("%s: %.1f (heap %.2f)"):format(k(m.count), rss_mib(m.rss), m.heap / 1024)
+    mem[#mem + 1] = ("%s: %.1f (heap %.2f, live %.2f)"):format(k(m.count), rss_mib(m.rss), m.heap / 1024, m.live / 1024)
   end
-  print("- listener of the big batch, VmRSS MiB (Lua heap MiB) after N messages: " .. table.concat(mem, ", "))
+  print("- listener of the big batch, VmRSS MiB (Lua heap MiB, live after a full GC) after N messages: "
+    .. table.concat(mem, ", "))
+  if R.mem then
+    local M = R.mem
+    mem = {}
+    for _, m in ipairs(M.marks) do
+      mem[#mem + 1] = ("%s: %d (heap %.0f, live %.0f)"):format(k(m.count), m.rss, m.heap, m.live)
+    end
+    print(("- BENCH_MEMORY: %s messages fed in %d transactions of %s and handled with listen { batch = %d } %s")
+      :format(k(M.n), M.txs, k(MEMORY_TX), BATCH, M.time and ("in %.0f s (%.0f msg/s)"):format(M.time, M.n / M.time)
+        or ("n/a: gave up after %.0f s, %d fed, %d delivered, %d consumed")
+          :format(M.gave_up, M.fed, M.n_delivered, M.n_consumed)))
+    print("  its listener, VmRSS KiB (Lua heap KiB, live after a full GC) after N messages: " .. table.concat(mem, ", "))
+  end
+  local T = F.together
+  print(("- fan-in: %s (databases on cluster a) each linked to payments for figure 7 only; %d rounds of %d messages"
+    .. " per sender, one transaction each (round 1: each alone, then all at once; round 2: the other way round);"
+    .. " in every run a listener process handles them with listen { batch = %d }")
+    :format(table.concat(FANIN, ", "), FANIN_ROUNDS, F.n, BATCH))
+  for i, a in ipairs(F.alone) do
+    local sd = a.senders[i]
+    print(("  %s alone: %.0f msg/s acked, %.0f consumed; its sends %.0f msg/s, last commit -> acked %.3f s a run")
+      :format(FANIN[i], a.n / a.t_ack, a.n / a.t_con, sd.n / sd.send, sd.lag / a.runs))
+  end
+  for i in ipairs(FANIN) do
+    local sd = T.senders[i]
+    print(("  %s at once: its sends %.0f msg/s, last commit -> acked %.3f s a run")
+      :format(FANIN[i], sd.n / sd.send, sd.lag / T.runs))
+  end
+  local cpu_msg, cpu_b = 0, 0
+  for who, v in pairs(T.cpu.who) do
+    cpu_msg = cpu_msg + v / T.n
+    if who:match("^b ") or who == "listener process (Lua)" then cpu_b = cpu_b + v / T.n end
+  end
+  local cores = tonumber(R.cores) or 0
+  print(("  CPU ceiling: at once, the processes of both servers and the Lua processes used %.0f µs of CPU a message;"
+    .. " all %d cores would carry at most %.0f msg/s, %.2f of the sum alone (the table at the end:"
+    .. " the machine was %.2f cores busy, other users' work included). %.0f µs of it were the receiver's (b's"
+    .. " processes and the listener): a receiver with %d cores of its own would carry at most %.0f msg/s, %.2f of the"
+    .. " sum alone")
+    :format(cpu_msg * 1e6, cores, cores / cpu_msg, cores / cpu_msg / alone_ack, T.cpu.busy / T.cpu.wall,
+      cpu_b * 1e6, cores, cores / cpu_b, cores / cpu_b / alone_ack))
   for _, x in ipairs(lost) do
     print(("- lost ack: message %s (phase %s) reached payments, was acked, and stayed in the store's outbox")
       :format(x.id, x.phase))
@@ -858,6 +1318,9 @@ local function report(total)
   end
   print(fmt_table(frows, { "function", "calls", "total ms", "µs/call" }))
 
+  print()
+  print(fanin_table(F))
+
   for _, b in ipairs { s, big } do
     print()
     print(("Batch %s: table scans (pg_stat_user_tables deltas%s)"):format(k(b.n),
@@ -876,6 +1339,7 @@ end
 local function cleanup()
   for pid in pairs(children) do os.execute("kill " .. math.tointeger(pid) .. " 2>/dev/null") end
   children = {}
+  for _, b in pairs(fan_bus) do b:close() end
   for _, c in pairs(admin) do c:close() end
   if sbus then sbus:close() end
   if rbus then rbus:close() end
@@ -884,19 +1348,26 @@ local function cleanup()
 end
 
 local ok, err = xpcall(function()
-  log("sizes: latency %d, sends %d, consume %d, batches %d and %d, memory at %d and %d (BENCH_SCALE=%g)",
-    N.latency, N.sends, N.consume, N.small, N.big, N.mem_small, N.big, SCALE)
+  log("sizes: latency %d, sends %d, consume %d, batches %d and %d, memory at %d and %d%s, fan-in %d per sender"
+    .. " (BENCH_SCALE=%g)", N.latency, N.sends, N.consume, N.small, N.big, N.mem_small, N.big,
+    MEMORY and (", BENCH_MEMORY=%d"):format(MEMORY) or "", N.fanin, SCALE)
   tmpdir = build_raw()
   setup()
   sbus = check(msgbus.connect(store.conninfo))
   rbus = check(msgbus.connect(payments.conninfo))
   R.pg_version = sql(store.conninfo, "select current_setting('server_version') as v")[1].v
   R.cores = sh("nproc"):gsub("%s+$", "")
+  CLK_TCK = tonumber(sh("getconf CLK_TCK")) or CLK_TCK
   phase_latency()
   phase_sends()
   phase_consume()
+  phase_fanin()
   phase_batches()
   if R.big.ack then reap() end
+  if MEMORY then
+    phase_memory()
+    if R.mem.acked then reap() end
+  end
 end, debug.traceback)
 
 if not ok then
