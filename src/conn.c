@@ -8,6 +8,7 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -88,14 +89,15 @@ static int conn_fail_result(lua_State *L, Conn *c, PGresult *res)
 {
 	const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
 	const char *msg = res ? PQresultErrorMessage(res) : "";
-	const char *code;
-	int top;
+	/* copied out before PQclear, since pushing them could raise (out of memory) and
+	 * leak the result; a longer message is cut, SQLSTATEs are 5 characters */
+	char text[8192], code[8];
 	if (msg == NULL || *msg == '\0')
 		msg = PQerrorMessage(c->pg);
-	code = state ? state : (PQstatus(c->pg) == CONNECTION_BAD ? "closed" : "connection");
-	top = conn_fail(L, msg, code);
+	snprintf(text, sizeof text, "%s", msg);
+	snprintf(code, sizeof code, "%s", state ? state : (PQstatus(c->pg) == CONNECTION_BAD ? "closed" : "connection"));
 	PQclear(res);
-	return top;
+	return conn_fail(L, text, code);
 }
 
 /* Lua values become text parameters; tables become JSON. */
@@ -289,19 +291,33 @@ static int conn_run(lua_State *L)
 }
 
 /* Move every pending notification into the array on top of the stack. */
+static int conn_pushnote(lua_State *L)
+{
+	const PGnotify *nt = lua_touserdata(L, 1);
+	lua_createtable(L, 0, 3);
+	lua_pushstring(L, nt->relname);
+	lua_setfield(L, -2, "channel");
+	lua_pushstring(L, nt->extra);
+	lua_setfield(L, -2, "payload");
+	lua_pushinteger(L, nt->be_pid);
+	lua_setfield(L, -2, "pid");
+	return 1;
+}
+
+/* Each notification becomes a table under lua_pcall, so that libpq's copy is freed
+ * even when that raises (out of memory); the error is raised again after. */
 static int conn_drain(lua_State *L, Conn *c)
 {
 	PGnotify *nt;
 	int n = (int)lua_rawlen(L, -1);
 	while ((nt = PQnotifies(c->pg)) != NULL) {
-		lua_createtable(L, 0, 3);
-		lua_pushstring(L, nt->relname);
-		lua_setfield(L, -2, "channel");
-		lua_pushstring(L, nt->extra);
-		lua_setfield(L, -2, "payload");
-		lua_pushinteger(L, nt->be_pid);
-		lua_setfield(L, -2, "pid");
+		int st;
+		lua_pushcfunction(L, conn_pushnote);
+		lua_pushlightuserdata(L, nt);
+		st = lua_pcall(L, 1, 1, 0);
 		PQfreemem(nt);
+		if (st != LUA_OK)
+			lua_error(L);
 		lua_rawseti(L, -2, ++n);
 	}
 	return n;
