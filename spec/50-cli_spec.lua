@@ -131,6 +131,18 @@ describe("msgbus install, link, send, status, unlink", function()
     env.wait_until(function() return status(svc) == 0 end, 30, svc.service .. " healthy")
   end
 
+  -- healthy, and every subscription's worker running (not just "starting")
+  local function wait_running(svc)
+    env.wait_until(function()
+      local code, out = status(svc, "--json")
+      if code ~= 0 then return false end
+      for _, p in ipairs(msgbus.decode(out).peers) do
+        if not p.subscription.worker_running then return false end
+      end
+      return true
+    end, 30, svc.service .. "'s workers running")
+  end
+
   it("install makes a database the home of a service, again harmlessly, and refuses another name", function()
     for _, s in ipairs { s1, s2 } do
       local code, out, err = msgbus_cmd { "install", "--db", s.conninfo, "--service", s.service }
@@ -197,7 +209,7 @@ describe("msgbus install, link, send, status, unlink", function()
   end)
 
   it("status is healthy: exit 0, a table, and with --json the link's state", function()
-    wait_healthy(s1)
+    wait_running(s1)
     local code, out, err = status(s1)
     assert.equal(0, code, err)
     assert.matches(("service %s: inbox 0, dead letters 0\n"):format(s1.service), out, 1, true)

@@ -41,17 +41,27 @@ begin
     return n;
 end $$;
 
+-- The outbox to `peer` (its publication is msgbus_<outbox>), or an error when this
+-- service has no link to `peer`.
+create function msgbus.linked_outbox(peer text) returns text
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+declare
+    outbox constant text := 'to_' || msgbus.check_service(peer);
+begin
+    if to_regclass(format('msgbus.%I', outbox)) is null
+       or not exists (select 1 from pg_publication where pubname = 'msgbus_' || outbox) then
+        raise exception 'msgbus: service "%" is not linked here', peer using errcode = 'MB004';
+    end if;
+    return outbox;
+end $$;
+
 -- Step 1.
 create function msgbus.hold(peer text) returns void
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
-    outbox constant text := 'to_' || msgbus.check_service(peer);
+    outbox constant text := msgbus.linked_outbox(peer);
     pub constant text := 'msgbus_' || outbox;
 begin
-    if to_regclass(format('msgbus.%I', outbox)) is null
-       or not exists (select 1 from pg_publication where pubname = pub) then
-        raise exception 'msgbus: service "%" is not linked here', peer using errcode = 'MB004';
-    end if;
     if exists (select 1 from pg_publication_tables
                 where pubname = pub and schemaname = 'msgbus' and tablename = outbox) then
         execute format('alter publication %I drop table msgbus.%I', pub, outbox);
@@ -62,13 +72,9 @@ end $$;
 create function msgbus.release(peer text) returns bigint
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
-    outbox constant text := 'to_' || msgbus.check_service(peer);
+    outbox constant text := msgbus.linked_outbox(peer);
     pub constant text := 'msgbus_' || outbox;
 begin
-    if to_regclass(format('msgbus.%I', outbox)) is null
-       or not exists (select 1 from pg_publication where pubname = pub) then
-        raise exception 'msgbus: service "%" is not linked here', peer using errcode = 'MB004';
-    end if;
     -- Waits for transactions that are sending to the peer, and holds new ones off
     -- until this one commits: they are then published after the resent copies.
     execute format('lock table msgbus.%I in exclusive mode', outbox);
@@ -87,4 +93,5 @@ language sql stable set search_path = pg_catalog, pg_temp as $$
                       and schemaname = 'msgbus' and tablename = 'to_' || peer)
 $$;
 
-revoke all on function msgbus.hold(text), msgbus.release(text), msgbus.published(text) from public;
+revoke all on function msgbus.linked_outbox(text), msgbus.hold(text), msgbus.release(text), msgbus.published(text)
+    from public;

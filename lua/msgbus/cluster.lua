@@ -54,6 +54,8 @@ local function read_file(path, from)
   return s
 end
 
+M.read_file = read_file
+
 local function write_file(path, text)
   local f, err = io.open(path, "wb")
   if not f then return nil, err end

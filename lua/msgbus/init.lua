@@ -550,6 +550,16 @@ end
 -- "empty", or nil, err, code when the database could not be reached.
 local run_vacuum
 
+-- The handler on one claimed row, inside the caller's transaction (depth 1 makes
+-- the bus's own calls join it, and defers a close until it ends).
+local function run_handler(self, handler, row)
+  local msg = to_message(row)
+  self.depth = 1
+  local ok, err = xpcall(handler, debug.traceback, msg)
+  self.depth = 0
+  return msg, ok, err
+end
+
 local function listen_once(self, handler)
   local conn, err, code = conn_of(self)
   if not conn then return nil, err, code end
@@ -565,10 +575,7 @@ local function listen_once(self, handler)
     conn:exec("commit")
     return "empty"
   end
-  local msg = to_message(row)
-  self.depth = 1
-  local hok, herr = xpcall(handler, debug.traceback, msg)
-  self.depth = 0
+  local msg, hok, herr = run_handler(self, handler, row)
   if hok then
     -- the id comes from the database, in canonical form: safe to inline
     rows, err, code = conn:script(("select msgbus.done('%s'); commit"):format(msg.id))
@@ -609,10 +616,7 @@ local function listen_batch(self, handler, limit)
     local row = rows[1]
     if not row then break end
     tried = tried + 1
-    local msg = to_message(row)
-    self.depth = 1
-    local hok, herr = xpcall(handler, debug.traceback, msg)
-    self.depth = 0
+    local msg, hok, herr = run_handler(self, handler, row)
     if hok then
       rows, err, code = conn:script(("select msgbus.done('%s'); release savepoint msgbus_message"):format(msg.id))
       if rows then handled = handled + 1 end

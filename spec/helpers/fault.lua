@@ -17,14 +17,7 @@ local env = require "helpers.env"
 local fault = {}
 
 -- A file's contents from byte `from` on (from the start without it); nil if missing.
-function fault.read_file(path, from)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  if from then f:seek("set", from) end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+fault.read_file = require("msgbus.cluster").read_file
 
 -- { code = times } as "code x2, other x1", or "none".
 function fault.codes_text(t)
