@@ -55,6 +55,14 @@ begin
     return outbox;
 end $$;
 
+-- Whether the outbox to `peer` is published (false between hold and release).
+create function msgbus.published(peer text) returns boolean
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select exists (select 1 from pg_publication_tables
+                    where pubname = 'msgbus_to_' || msgbus.check_service(peer)
+                      and schemaname = 'msgbus' and tablename = 'to_' || peer)
+$$;
+
 -- Step 1.
 create function msgbus.hold(peer text) returns void
 language plpgsql set search_path = pg_catalog, pg_temp as $$
@@ -62,8 +70,7 @@ declare
     outbox constant text := msgbus.linked_outbox(peer);
     pub constant text := 'msgbus_' || outbox;
 begin
-    if exists (select 1 from pg_publication_tables
-                where pubname = pub and schemaname = 'msgbus' and tablename = outbox) then
+    if msgbus.published(peer) then
         execute format('alter publication %I drop table msgbus.%I', pub, outbox);
     end if;
 end $$;
@@ -78,20 +85,12 @@ begin
     -- Waits for transactions that are sending to the peer, and holds new ones off
     -- until this one commits: they are then published after the resent copies.
     execute format('lock table msgbus.%I in exclusive mode', outbox);
-    if not exists (select 1 from pg_publication_tables
-                    where pubname = pub and schemaname = 'msgbus' and tablename = outbox) then
+    if not msgbus.published(peer) then
         execute format('alter publication %I add table msgbus.%I', pub, outbox);
     end if;
     return msgbus.resend(peer);
 end $$;
 
--- Whether the outbox to `peer` is published (false between hold and release).
-create function msgbus.published(peer text) returns boolean
-language sql stable set search_path = pg_catalog, pg_temp as $$
-    select exists (select 1 from pg_publication_tables
-                    where pubname = 'msgbus_to_' || msgbus.check_service(peer)
-                      and schemaname = 'msgbus' and tablename = 'to_' || peer)
-$$;
 
 revoke all on function msgbus.linked_outbox(text), msgbus.hold(text), msgbus.release(text), msgbus.published(text)
     from public;
