@@ -205,13 +205,30 @@ static int conn_pushresult(lua_State *L, PGresult *res)
 	return 2;
 }
 
+/*
+ * Copying what libpq allocated into Lua can raise (out of memory, or a JSON column
+ * the codec refuses) and so leak the libpq memory. The copy is therefore made by
+ * push(p) under lua_pcall, with the calling method's first `nup` upvalues (the JSON
+ * functions, for conversions that need them); the caller frees its libpq memory,
+ * then looks at the status: LUA_OK leaves nresults values, anything else the error.
+ */
+static int conn_protected(lua_State *L, lua_CFunction push, void *p, int nup, int nresults)
+{
+	int i;
+	for (i = 1; i <= nup; i++)
+		lua_pushvalue(L, lua_upvalueindex(i));
+	lua_pushcclosure(L, push, nup);
+	lua_pushlightuserdata(L, p);
+	return lua_pcall(L, 1, nresults, 0);
+}
+
 static int conn_pushresult_p(lua_State *L)
 {
 	return conn_pushresult(L, lua_touserdata(L, 1));
 }
 
 /* Shared ending of exec and run: a result or the fail tuple. The rows are converted
- * under lua_pcall, so that the result is cleared whatever happens: a column that
+ * by conn_protected, so that the result is cleared whatever happens: a column that
  * does not convert (JSON nested deeper than the codec goes) gives the fail tuple
  * with code "decode"; a memory error is raised again. */
 static int conn_finish(lua_State *L, Conn *c, PGresult *res)
@@ -223,12 +240,7 @@ static int conn_finish(lua_State *L, Conn *c, PGresult *res)
 	st = PQresultStatus(res);
 	if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK && st != PGRES_EMPTY_QUERY)
 		return conn_fail_result(L, c, res);
-	/* the converter needs this method's upvalues (the JSON functions) */
-	lua_pushvalue(L, lua_upvalueindex(1));
-	lua_pushvalue(L, lua_upvalueindex(2));
-	lua_pushcclosure(L, conn_pushresult_p, 2);
-	lua_pushlightuserdata(L, res);
-	rc = lua_pcall(L, 1, 2, 0);
+	rc = conn_protected(L, conn_pushresult_p, res, 2, 2);
 	PQclear(res);
 	if (rc == LUA_ERRMEM)
 		return lua_error(L);
@@ -304,17 +316,14 @@ static int conn_pushnote(lua_State *L)
 	return 1;
 }
 
-/* Each notification becomes a table under lua_pcall, so that libpq's copy is freed
- * even when that raises (out of memory); the error is raised again after. */
+/* Each notification becomes a table by conn_protected, so that libpq's copy is
+ * freed even when that raises (out of memory); the error is raised again after. */
 static int conn_drain(lua_State *L, Conn *c)
 {
 	PGnotify *nt;
 	int n = (int)lua_rawlen(L, -1);
 	while ((nt = PQnotifies(c->pg)) != NULL) {
-		int st;
-		lua_pushcfunction(L, conn_pushnote);
-		lua_pushlightuserdata(L, nt);
-		st = lua_pcall(L, 1, 1, 0);
+		int st = conn_protected(L, conn_pushnote, nt, 0, 1);
 		PQfreemem(nt);
 		if (st != LUA_OK)
 			lua_error(L);
@@ -403,20 +412,16 @@ static int conn_backend_pid(lua_State *L)
 	return 1;
 }
 
-/* Copying what libpq allocated into Lua can raise (out of memory) and so leak it:
- * the copy is made under lua_pcall, the libpq memory freed, then the error raised. */
 static int conn_copytext(lua_State *L)
 {
 	lua_pushstring(L, lua_touserdata(L, 1));
 	return 1;
 }
 
+/* Push a string libpq allocated and free it (see conn_protected). */
 static void conn_pushfree(lua_State *L, char *s)
 {
-	int st;
-	lua_pushcfunction(L, conn_copytext);
-	lua_pushlightuserdata(L, s);
-	st = lua_pcall(L, 1, 1, 0);
+	int st = conn_protected(L, conn_copytext, s, 0, 1);
 	PQfreemem(s);
 	if (st != LUA_OK)
 		lua_error(L);
@@ -529,7 +534,7 @@ static int conn_connect(lua_State *L)
 	return 1;
 }
 
-/* The table of conninfo_parse, made under lua_pcall (see conn_pushfree). */
+/* The table of conninfo_parse, made by conn_protected. */
 static int conn_pushoptions(lua_State *L)
 {
 	const PQconninfoOption *o;
@@ -556,9 +561,7 @@ static int conn_conninfo_parse(lua_State *L)
 		conn_pushfree(L, err);
 		return conn_fail(L, lua_tostring(L, -1), "conninfo");
 	}
-	lua_pushcfunction(L, conn_pushoptions);
-	lua_pushlightuserdata(L, opts);
-	st = lua_pcall(L, 1, 1, 0);
+	st = conn_protected(L, conn_pushoptions, opts, 0, 1);
 	PQconninfoFree(opts);
 	if (st != LUA_OK)
 		return lua_error(L);
