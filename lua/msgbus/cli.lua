@@ -5,6 +5,7 @@
 local argparse = require "argparse"
 local msgbus = require "msgbus"
 local core = require "msgbus.core"
+local cluster = require "msgbus.cluster"
 
 local M = {}
 
@@ -614,17 +615,7 @@ end
 -- dev: throwaway local clusters, one per service
 ---------------------------------------------------------------------------
 
-local function shell_quote(s)
-  return "'" .. (tostring(s):gsub("'", "'\\''")) .. "'"
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local shell_quote, read_file = cluster.shell_quote, cluster.read_file
 
 local function write_file(path, text)
   local tmp = path .. ".tmp"
@@ -676,7 +667,6 @@ end
 local dev = {}
 
 function dev.up(args)
-  local cluster = require "msgbus.cluster"
   local dir = absolute(args.dir or default_dev_dir())
   local services, seen = {}, {}
   for name in (args.services .. ","):gmatch("([^,]*),") do
@@ -736,12 +726,7 @@ function dev.up(args)
   say("stop with: msgbus dev down --dir %s", dir)
 end
 
--- True while the process exists and is not a zombie.
-local function alive(pid)
-  local stat = read_file("/proc/" .. pid .. "/stat")
-  if stat then return stat:match("^%d+ %b() (%a)") ~= "Z" end
-  return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true
-end
+local alive = cluster.process_alive
 
 -- Stop the postmaster of `datadir` with SIGINT (PostgreSQL's fast shutdown), then
 -- SIGQUIT and SIGKILL if it does not go. Only a pid whose command line names that

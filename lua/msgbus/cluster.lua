@@ -132,6 +132,8 @@ local function process_alive(pid)
   return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true
 end
 
+M.process_alive = process_alive
+
 local function conf_value(v)
   if type(v) == "number" or type(v) == "boolean" then return tostring(v) end
   return "'" .. tostring(v):gsub("'", "''") .. "'"

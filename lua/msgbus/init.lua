@@ -676,14 +676,18 @@ function Bus:timeout()
   return nil
 end
 
+local function check_handler(handler, fname)
+  if type(handler) ~= "function" then
+    error(("msgbus: bad argument #1 to '%s' (function expected, got %s)"):format(fname, type(handler)), 3)
+  end
+end
+
 -- bus:step(handler [, opts]) -> count | nil, err, code
 -- Takes what arrived on the socket and hands every message available now to
 -- handler, then returns without waiting. opts.max bounds the number handled.
 function Bus:step(handler, opts)
   bus_check(self)
-  if type(handler) ~= "function" then
-    error(("msgbus: bad argument #1 to 'step' (function expected, got %s)"):format(type(handler)), 2)
-  end
+  check_handler(handler, "step")
   local max = opts and opts.max
   local total = 0
   while true do
@@ -719,9 +723,7 @@ end
 -- many seconds with nothing to do. Without either, runs until the bus is closed.
 function Bus:listen(handler, opts)
   bus_check(self)
-  if type(handler) ~= "function" then
-    error(("msgbus: bad argument #1 to 'listen' (function expected, got %s)"):format(type(handler)), 2)
-  end
+  check_handler(handler, "listen")
   if opts ~= nil and type(opts) ~= "table" then
     error("msgbus: bad argument #2 to 'listen' (options table expected)", 2)
   end
