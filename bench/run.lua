@@ -492,13 +492,17 @@ local function snapshot()
   return s
 end
 
+local function sorted_keys(t)
+  local keys = {}
+  for key in pairs(t) do keys[#keys + 1] = key end
+  table.sort(keys)
+  return keys
+end
+
 local function fingerprint(s)
   local parts = {}
   for _, side in ipairs { "store", "payments" } do
-    local names = {}
-    for name in pairs(s[side].rel) do names[#names + 1] = name end
-    table.sort(names)
-    for _, name in ipairs(names) do
+    for _, name in ipairs(sorted_keys(s[side].rel)) do
       local r = s[side].rel[name]
       parts[#parts + 1] = table.concat({ name, r.seq_scan, r.idx_scan, r.ins, r.del }, ",")
     end
@@ -687,29 +691,21 @@ end
 local fans, fan_bus = {}, {}  -- { service, conninfo } of the senders on cluster a, and their buses
 local CLK_TCK = 100           -- clock ticks a second of /proc/*/stat (getconf CLK_TCK at start)
 
-local function read_all(path)
-  local f = io.open(path, "r")
-  if not f then return nil end
-  local text = f:read("a")
-  f:close()
-  return text
-end
-
 -- A process's CPU time (utime + stime) and its time spent runnable, waiting for a CPU
 -- (schedstat), in seconds; nil once it is gone.
 local function proc_cpu(pid)
-  local stat = read_all("/proc/" .. pid .. "/stat")
+  local stat = cluster.read_file("/proc/" .. pid .. "/stat")
   local rest = stat and stat:match("^%d+ %b() (.*)$")
   if not rest then return nil end
   local f = {}
   for w in rest:gmatch("%S+") do f[#f + 1] = w end
-  local sched = numbers(read_all("/proc/" .. pid .. "/schedstat"))
+  local sched = numbers(cluster.read_file("/proc/" .. pid .. "/schedstat"))
   return (tonumber(f[12]) + tonumber(f[13])) / CLK_TCK, (sched[2] or 0) / 1e9
 end
 
 -- What a server process does, from the title PostgreSQL gives it.
 local function server_kind(pid)
-  local title = (read_all("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
+  local title = (cluster.read_file("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
   if title:find("logical replication worker", 1, true) or title:find("logical replication apply worker", 1, true) then
     return "apply workers"
   elseif title:find("walsender", 1, true) then
@@ -726,7 +722,7 @@ end
 local function cpu_snapshot(roles)
   local s = { t = core.now(), procs = {} }
   for _, c in ipairs { { A, "a" }, { B, "b" } } do
-    local pm = tonumber((read_all(c[1].datadir .. "/postmaster.pid") or ""):match("^%s*(%d+)"))
+    local pm = tonumber((cluster.read_file(c[1].datadir .. "/postmaster.pid") or ""):match("^%s*(%d+)"))
     for pid in sh("pgrep -P " .. math.tointeger(pm)):gmatch("%d+") do
       local cpu, wait = proc_cpu(pid)
       pid = tonumber(pid)
@@ -738,7 +734,7 @@ local function cpu_snapshot(roles)
     if cpu then s.procs[pid] = { who = role, cpu = cpu, wait = wait } end
   end
   -- cpu  user nice system idle iowait irq softirq steal ...
-  local v = numbers((read_all("/proc/stat") or ""):match("^cpu%s+([^\n]*)"))
+  local v = numbers((cluster.read_file("/proc/stat") or ""):match("^cpu%s+([^\n]*)"))
   s.busy = (v[1] + v[2] + v[3] + v[6] + v[7] + (v[8] or 0)) / CLK_TCK
   s.iowait = v[5] / CLK_TCK
   return s
@@ -1022,10 +1018,7 @@ end
 local function scans_table(b)
   local srows = {}
   for _, side in ipairs { "store", "payments" } do
-    local names = {}
-    for name in pairs(b.after[side].rel) do names[#names + 1] = name end
-    table.sort(names)
-    for _, name in ipairs(names) do
+    for _, name in ipairs(sorted_keys(b.after[side].rel)) do
       local sd = delta(b.before, b.after, side, "rel", name, "seq_scan")
       local id = delta(b.before, b.after, side, "rel", name, "idx_scan")
       local ins = delta(b.before, b.after, side, "rel", name, "ins")
@@ -1042,10 +1035,7 @@ end
 local function functions_table(b)
   local frows = {}
   for _, side in ipairs { "store", "payments" } do
-    local names = {}
-    for name in pairs(b.after[side].fn) do names[#names + 1] = name end
-    table.sort(names)
-    for _, name in ipairs(names) do
+    for _, name in ipairs(sorted_keys(b.after[side].fn)) do
       local calls = delta(b.before, b.after, side, "fn", name, "calls")
       if calls > 0 then
         local tot = delta(b.before, b.after, side, "fn", name, "total_time")
@@ -1304,10 +1294,7 @@ local function report(total)
     .. " PL/pgSQL function times"):format(k(N.consume)))
   local frows = {}
   for _, side in ipairs { "store", "payments", "rawsend", "rawrecv" } do
-    local names = {}
-    for name in pairs(R.fn4.after[side]) do names[#names + 1] = name end
-    table.sort(names)
-    for _, name in ipairs(names) do
+    for _, name in ipairs(sorted_keys(R.fn4.after[side])) do
       local a, b = R.fn4.after[side][name], R.fn4.before[side][name]
       local calls = a.calls - (b and b.calls or 0)
       if calls > 0 then
