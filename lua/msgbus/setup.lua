@@ -8,7 +8,8 @@ local setup = {}
 -- Serializes installs of the schema in one database across processes.
 local INSTALL_LOCK = 0x6d736762 -- "msgb"
 
-local MIGRATIONS = { "001_schema", "002_repair", "003_claim", "004_passfile", "005_fast_arrival" }
+local MIGRATIONS = { "001_schema", "002_repair", "003_claim", "004_passfile", "005_fast_arrival",
+                     "006_fast_ack_check" }
 
 local function fail(msg, code)
   return nil, "msgbus: " .. msg, code
