@@ -69,6 +69,32 @@ describe("listen", function()
     hb:close()
   end)
 
+  it("vacuums its inbox after a burst, not each time a trickle leaves it empty", function()
+    local s, r = env.linked({ "vs", "vr" }, { "a", "b" })
+    local sb, rb = env.connect(s), env.connect(r)
+    local function vacuums()
+      return env.scalar(r, [[select vacuum_count from pg_stat_user_tables
+                              where schemaname = 'msgbus' and relname = $1]], "to_" .. r.service)
+    end
+    local v0 = vacuums()
+    -- one message at a time: the inbox runs empty after each
+    for i = 1, 5 do
+      assert.is_true(sb:wait_ack(assert(sb:send(r.service, "trickle", { i = i })), 30))
+      assert.equal(1, rb:listen(function() end, { timeout = 0.2 }))
+    end
+    assert.equal(v0, vacuums())
+    -- a burst of 100 (105 handled since the last vacuum): one vacuum when it runs empty
+    local last
+    assert(sb:transaction(function()
+      for i = 1, 100 do last = assert(sb:send(r.service, "burst", { i = i })) end
+    end))
+    assert.is_true(sb:wait_ack(last, 60))
+    assert.equal(100, rb:listen(function() end, { timeout = 0.2 }))
+    assert.equal(v0 + 1, vacuums())
+    sb:close()
+    rb:close()
+  end)
+
   it("moves a batch of 20,000 with index lookups only, leaving nothing behind", function()
     local s, r = env.linked({ "bs", "br" }, { "a", "b" })
     local sb, rb = env.connect(s), env.connect(r)

@@ -703,7 +703,13 @@ function Bus:step(handler, opts)
   end
 end
 
+-- Consumed rows leave dead index entries that every claim steps over (its scan starts
+-- at the oldest position) until a vacuum: listen vacuums the inbox after every
+-- VACUUM_EVERY messages it handled, and when the inbox runs empty after at least
+-- VACUUM_IDLE of them. Not after every message: a listener fed one message at a
+-- time would otherwise vacuum once per message (about 2 ms of server time each).
 local VACUUM_EVERY = 500
+local VACUUM_IDLE = 100
 -- The most messages listen's opts.batch puts in one transaction: each is a
 -- subtransaction, and PostgreSQL keeps 64 of them per backend in shared memory
 -- before every other session's snapshots get slower.
@@ -771,8 +777,6 @@ function Bus:listen(handler, opts)
     end
     if what == "handled" then
       count = count + 1
-      -- Consumed rows leave dead index entries that every claim would step over
-      -- (its scan starts at the oldest position) until a vacuum: keep them few.
       self.consumed = (self.consumed or 0) + 1
       if self.consumed >= VACUUM_EVERY then
         self.consumed = 0
@@ -786,7 +790,7 @@ function Bus:listen(handler, opts)
       idle_deadline = timeout and core.now() + timeout
     elseif what == "empty" then
       single = 0
-      if (self.consumed or 0) > 0 then
+      if (self.consumed or 0) >= VACUUM_IDLE then
         self.consumed = 0
         run_vacuum(self)
       end
