@@ -202,7 +202,11 @@ static const char *const RECV_SQL[] = {
 	NULL,
 };
 
-static void subscribe(PGconn *c, const char *name, const char *peer, const char *pub)
+/* sync: the subscription's synchronous_commit. The messages' subscription commits
+ * synchronously, as msgbus's do, so that the ack it writes is flushed and sent back at
+ * once; the acks' subscription writes nothing that travels on, so its commits need
+ * not wait for their fsync (msgbus does the same for transactions of acks only). */
+static void subscribe(PGconn *c, const char *name, const char *peer, const char *pub, const char *sync)
 {
 	char sql[2048];
 	char *lit = PQescapeLiteral(c, peer, strlen(peer));
@@ -210,8 +214,8 @@ static void subscribe(PGconn *c, const char *name, const char *peer, const char 
 		die("escape: %s", PQerrorMessage(c));
 	snprintf(sql, sizeof sql,
 	         "create subscription %s connection %s publication %s with (create_slot = false,"
-	         " slot_name = '%s', copy_data = false, synchronous_commit = 'on', binary = true)",
-	         name, lit, pub, name);
+	         " slot_name = '%s', copy_data = false, synchronous_commit = '%s', binary = true)",
+	         name, lit, pub, name, sync);
 	PQfreemem(lit);
 	exec(c, sql);
 }
@@ -251,8 +255,8 @@ static int cmd_setup(const char *send_ci, const char *recv_ci)
 		exec(send, SEND_SQL[i]);
 	for (i = 0; RECV_SQL[i]; i++)
 		exec(recv, RECV_SQL[i]);
-	subscribe(recv, "raw_to_recv", send_ci, "raw_pub");
-	subscribe(send, "raw_to_send", recv_ci, "ack_pub");
+	subscribe(recv, "raw_to_recv", send_ci, "raw_pub", "on");
+	subscribe(send, "raw_to_send", recv_ci, "ack_pub", "off");
 	probe(send);
 	printf("ok\n");
 	PQfinish(send);

@@ -119,6 +119,35 @@ describe("msgbus between two servers", function()
     assert.equal(1, pbus:listen(function(m) assert(m.id == other) end, { max = 1, timeout = 20 }))
   end)
 
+  it("commits a transaction of acks without waiting for its fsync, and one with a message with it", function()
+    -- incoming transactions replayed by hand as the apply worker runs them, rolled back
+    local c = assert(core.connect(store.conninfo))
+    local inbox = "msgbus.to_" .. store.service
+    local function sync() return assert(c:exec("select current_setting('synchronous_commit') as s"))[1].s end
+    local function ack()
+      assert(c:exec(("insert into %s (sender, receiver, type, reply) values ($1, $2, 'msgbus.ack', gen_random_uuid())")
+        :format(inbox), payments.service, store.service))
+    end
+    local function message()
+      assert(c:exec(("insert into %s (sender, receiver, type, data) values ($1, $2, 'm', '{}')"):format(inbox),
+        payments.service, store.service))
+    end
+    -- each step, then synchronous_commit after it
+    for _, steps in ipairs { { ack, "off", ack, "off", message, "on", ack, "on" }, { message, "on", ack, "on" } } do
+      assert(c:exec("begin"))
+      assert(c:exec("set local session_replication_role = replica"))
+      assert.equal("on", sync())
+      for i = 1, #steps, 2 do
+        steps[i]()
+        assert.equal(steps[i + 1], sync())
+      end
+      assert(c:exec("rollback"))
+      assert.equal("on", sync())
+    end
+    c:close()
+    assert.equal(0, inbox_count(store))
+  end)
+
   it("sends atomically with the service's own writes, and not at all on failure", function()
     sbus:exec("create table if not exists orders (id serial primary key, total int)")
     local id = assert(sbus:transaction(function()
