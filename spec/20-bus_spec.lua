@@ -119,6 +119,33 @@ describe("msgbus between two servers", function()
     assert.equal(1, pbus:listen(function(m) assert(m.id == other) end, { max = 1, timeout = 20 }))
   end)
 
+  it("wait_ack right after a send waits for the ack's notification before it asks", function()
+    local s, r = env.linked({ "wfs", "wfr" }, { "a", "b" })
+    local bus = env.connect(s)
+    local function acked_calls()
+      return env.scalar(s, [[select coalesce(sum(calls), 0)::int8 from pg_stat_user_functions
+                              where schemaname = 'msgbus' and funcname = 'acked']])
+    end
+    -- the link's workers are running (a new link's first ack can take seconds, and a
+    -- wait asks again every 5 s)
+    assert.is_true(bus:wait_ack(assert(bus:send(r.service, "warm", {})), 30))
+    -- count this session's calls of msgbus.acked from now; they reach the statistics
+    -- when it ends
+    assert(bus:exec("set track_functions = 'pl'"))
+    local id = assert(bus:send(r.service, "first", {}))
+    assert.is_true(bus:wait_ack(id, 30))
+    -- an ack that came before wait_ack was called is still found, even with no time to wait
+    local late = assert(bus:send(r.service, "second", {}))
+    assert(env.poll(function() return outbox_count(s, r) == 0 end, 30), "the ack of the second message")
+    assert.is_true(bus:wait_ack(late, 0))
+    -- and a wait that follows anything else asks first, as always
+    assert(bus:exec("select 1"))
+    assert.is_true(bus:wait_ack(late, 0))
+    bus:close()
+    -- 1 for the first message (after its notification), 1 for the second, 1 for the last
+    assert(env.poll(function() return acked_calls() == 3 end, 10), ("msgbus.acked ran %d times, not 3"):format(acked_calls()))
+  end)
+
   it("commits a transaction of acks without waiting for its fsync, and one with a message with it", function()
     -- incoming transactions replayed by hand as the apply worker runs them, rolled back
     local c = assert(core.connect(store.conninfo))
