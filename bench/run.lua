@@ -291,6 +291,88 @@ end
 
 local R = {}  -- results, filled by the phases
 
+-- CPU accounting (figures 1, 2 and 7)
+local CLK_TCK = 100           -- clock ticks a second of /proc/*/stat (getconf CLK_TCK at start)
+
+-- A process's CPU time (utime + stime) and its time spent runnable, waiting for a CPU
+-- (schedstat), in seconds; nil once it is gone.
+local function proc_cpu(pid)
+  local stat = cluster.read_file("/proc/" .. pid .. "/stat")
+  local rest = stat and stat:match("^%d+ %b() (.*)$")
+  if not rest then return nil end
+  local f = {}
+  for w in rest:gmatch("%S+") do f[#f + 1] = w end
+  local sched = numbers(cluster.read_file("/proc/" .. pid .. "/schedstat"))
+  return (tonumber(f[12]) + tonumber(f[13])) / CLK_TCK, (sched[2] or 0) / 1e9
+end
+
+-- What a server process does, from the title PostgreSQL gives it.
+local function server_kind(pid)
+  local title = (cluster.read_file("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
+  if title:find("logical replication worker", 1, true) or title:find("logical replication apply worker", 1, true) then
+    return "apply workers"
+  elseif title:find("walsender", 1, true) then
+    return "walsenders"
+  elseif title:find("%(%d+%)") then  -- host(port): a client's session
+    return "backends"
+  end
+  return "background"  -- WAL writer, checkpointer, autovacuum, launchers
+end
+
+-- CPU seconds of every server process of both clusters (named by cluster and kind,
+-- or by `roles[pid]`), of our child processes (named by `roles[pid]`), and of the
+-- whole machine.
+local function cpu_snapshot(roles)
+  local s = { t = core.now(), procs = {} }
+  for _, c in ipairs { { A, "a" }, { B, "b" } } do
+    local pm = tonumber((cluster.read_file(c[1].datadir .. "/postmaster.pid") or ""):match("^%s*(%d+)"))
+    for pid in sh("pgrep -P " .. math.tointeger(pm)):gmatch("%d+") do
+      local cpu, wait = proc_cpu(pid)
+      pid = tonumber(pid)
+      if cpu then s.procs[pid] = { who = roles[pid] or c[2] .. " " .. server_kind(pid), cpu = cpu, wait = wait } end
+    end
+    -- processes that ended in between (the raw client's session): the postmaster's
+    -- count of its reaped children's CPU (cutime + cstime)
+    local stat = cluster.read_file("/proc/" .. math.tointeger(pm) .. "/stat")
+    local f = {}
+    for w in ((stat or ""):match("^%d+ %b() (.*)$") or ""):gmatch("%S+") do f[#f + 1] = w end
+    if f[15] then
+      s.procs["ended " .. c[2]] = { who = c[2] .. " ended processes", cpu = (tonumber(f[14]) + tonumber(f[15])) / CLK_TCK, wait = 0 }
+    end
+  end
+  for pid, role in pairs(roles) do
+    local cpu, wait = proc_cpu(pid)
+    if cpu then s.procs[pid] = { who = role, cpu = cpu, wait = wait } end
+  end
+  -- cpu  user nice system idle iowait irq softirq steal ...
+  local v = numbers((cluster.read_file("/proc/stat") or ""):match("^cpu%s+([^\n]*)"))
+  s.busy = (v[1] + v[2] + v[3] + v[6] + v[7] + (v[8] or 0)) / CLK_TCK
+  s.iowait = v[5] / CLK_TCK
+  return s
+end
+
+-- Adds the CPU used and the time spent waiting for a CPU between two snapshots to
+-- `into` (kinds summed, and the busiest single apply worker on b as a share of one core).
+local function cpu_acc()
+  return { wall = 0, who = {}, wait = {}, busiest = 0, busy = 0, iowait = 0, n = 0 }
+end
+
+local function cpu_add(into, before, after)
+  local wall = after.t - before.t
+  into.wall = into.wall + wall
+  for pid, p in pairs(after.procs) do
+    local b = before.procs[pid]
+    local same = b and b.who == p.who
+    local used = p.cpu - (same and b.cpu or 0)
+    into.who[p.who] = (into.who[p.who] or 0) + used
+    into.wait[p.who] = (into.wait[p.who] or 0) + p.wait - (same and b.wait or 0)
+    if p.who == "b apply workers" then into.busiest = math.max(into.busiest, used / wall) end
+  end
+  into.busy = into.busy + after.busy - before.busy
+  into.iowait = into.iowait + after.iowait - before.iowait
+end
+
+
 -- 1. Latency, one message at a time.
 local ROUNDS = 5  -- figures 1 and 2 alternate msgbus and baseline in this many blocks
 
@@ -321,6 +403,7 @@ local function phase_latency()
   local b, warm = math.max(1, N.latency // ROUNDS), N.warm
   local m, mh, r, rh = {}, {}, {}, {}
   local m0, r0 = {}, {}
+  R.cpu_lat = { m = cpu_acc(), r = cpu_acc() }
   for round = 1, ROUNDS do
     log("1. latency, round %d of %d: %d messages one at a time (+%d warm-up), msgbus then baseline",
       round, ROUNDS, b, warm)
@@ -332,11 +415,18 @@ local function phase_latency()
     local rl = raw_spawn("listen", b + warm, rawrecv)
     append_samples(r, sh(("%s latency %d %d %s"):format(q(raw_bin), b, warm, q(rawsend))))
     append_samples(rh, finish(rl))
-    -- the same without anything consuming on the receiving side
+    -- the same without anything consuming on the receiving side, with the CPU every
+    -- server process used (the chain of processes a message and its ack pass through)
     quiet("1. latency, no listener")
+    local c0 = cpu_snapshot({})
     msgbus_latency(b, warm, m0)
+    cpu_add(R.cpu_lat.m, c0, cpu_snapshot({}))
+    R.cpu_lat.m.n = R.cpu_lat.m.n + b + warm
     quiet()
+    c0 = cpu_snapshot({})
     append_samples(r0, sh(("%s latency %d %d %s"):format(q(raw_bin), b, warm, q(rawsend))))
+    cpu_add(R.cpu_lat.r, c0, cpu_snapshot({}))
+    R.cpu_lat.r.n = R.cpu_lat.r.n + b + warm
   end
   R.lat, R.raw_lat = summary(m), summary(r)
   R.lat_h, R.raw_lat_h = summary(mh), summary(rh)
@@ -352,17 +442,24 @@ local function phase_sends()
     conn = check(env:connect(rawsend))
   end
   local t_m, t_r, t_l = 0, 0, 0
+  R.cpu_sends = { m = cpu_acc(), r = cpu_acc() }
   for round = 1, ROUNDS do
     log("2. sends, round %d of %d: %d each through bus:send, libpq, luasql", round, ROUNDS, b)
     quiet("2. sends")
     local last
+    local c0 = cpu_snapshot({})
     local t0 = core.now()
     for i = 1, b do last = send("payments", "bench", { n = i }) end
     t_m = t_m + core.now() - t0
     await_ack(last, 300)  -- untimed: let replication catch up
+    cpu_add(R.cpu_sends.m, c0, cpu_snapshot({}))
+    R.cpu_sends.m.n = R.cpu_sends.m.n + b
 
     quiet()
+    c0 = cpu_snapshot({})
     t_r = t_r + raw("inserts", b, rawsend)[1]
+    cpu_add(R.cpu_sends.r, c0, cpu_snapshot({}))
+    R.cpu_sends.r.n = R.cpu_sends.r.n + b
 
     if conn then
       quiet()
@@ -697,73 +794,6 @@ end
 ---------------------------------------------------------------------------
 
 local fans, fan_bus = {}, {}  -- { service, conninfo } of the senders on cluster a, and their buses
-local CLK_TCK = 100           -- clock ticks a second of /proc/*/stat (getconf CLK_TCK at start)
-
--- A process's CPU time (utime + stime) and its time spent runnable, waiting for a CPU
--- (schedstat), in seconds; nil once it is gone.
-local function proc_cpu(pid)
-  local stat = cluster.read_file("/proc/" .. pid .. "/stat")
-  local rest = stat and stat:match("^%d+ %b() (.*)$")
-  if not rest then return nil end
-  local f = {}
-  for w in rest:gmatch("%S+") do f[#f + 1] = w end
-  local sched = numbers(cluster.read_file("/proc/" .. pid .. "/schedstat"))
-  return (tonumber(f[12]) + tonumber(f[13])) / CLK_TCK, (sched[2] or 0) / 1e9
-end
-
--- What a server process does, from the title PostgreSQL gives it.
-local function server_kind(pid)
-  local title = (cluster.read_file("/proc/" .. pid .. "/cmdline") or ""):gsub("%z", " ")
-  if title:find("logical replication worker", 1, true) or title:find("logical replication apply worker", 1, true) then
-    return "apply workers"
-  elseif title:find("walsender", 1, true) then
-    return "walsenders"
-  elseif title:find("%(%d+%)") then  -- host(port): a client's session
-    return "backends"
-  end
-  return "background"  -- WAL writer, checkpointer, autovacuum, launchers
-end
-
--- CPU seconds of every server process of both clusters (named by cluster and kind,
--- or by `roles[pid]`), of our child processes (named by `roles[pid]`), and of the
--- whole machine.
-local function cpu_snapshot(roles)
-  local s = { t = core.now(), procs = {} }
-  for _, c in ipairs { { A, "a" }, { B, "b" } } do
-    local pm = tonumber((cluster.read_file(c[1].datadir .. "/postmaster.pid") or ""):match("^%s*(%d+)"))
-    for pid in sh("pgrep -P " .. math.tointeger(pm)):gmatch("%d+") do
-      local cpu, wait = proc_cpu(pid)
-      pid = tonumber(pid)
-      if cpu then s.procs[pid] = { who = roles[pid] or c[2] .. " " .. server_kind(pid), cpu = cpu, wait = wait } end
-    end
-  end
-  for pid, role in pairs(roles) do
-    local cpu, wait = proc_cpu(pid)
-    if cpu then s.procs[pid] = { who = role, cpu = cpu, wait = wait } end
-  end
-  -- cpu  user nice system idle iowait irq softirq steal ...
-  local v = numbers((cluster.read_file("/proc/stat") or ""):match("^cpu%s+([^\n]*)"))
-  s.busy = (v[1] + v[2] + v[3] + v[6] + v[7] + (v[8] or 0)) / CLK_TCK
-  s.iowait = v[5] / CLK_TCK
-  return s
-end
-
--- Adds the CPU used and the time spent waiting for a CPU between two snapshots to
--- `into` (kinds summed, and the busiest single apply worker on b as a share of one core).
-local function cpu_add(into, before, after)
-  local wall = after.t - before.t
-  into.wall = into.wall + wall
-  for pid, p in pairs(after.procs) do
-    local b = before.procs[pid]
-    local same = b and b.who == p.who
-    local used = p.cpu - (same and b.cpu or 0)
-    into.who[p.who] = (into.who[p.who] or 0) + used
-    into.wait[p.who] = (into.wait[p.who] or 0) + p.wait - (same and b.wait or 0)
-    if p.who == "b apply workers" then into.busiest = math.max(into.busiest, used / wall) end
-  end
-  into.busy = into.busy + after.busy - before.busy
-  into.iowait = into.iowait + after.iowait - before.iowait
-end
 
 local function wal_stats()
   local w = {}
@@ -1213,6 +1243,22 @@ local function report(total)
   print(("- latency: %d rounds of %d messages one at a time after %d warm-up, msgbus and raw taking turns;"
     .. " samples: send -> ack %d / %d, handler start %d / %d, no listener %d / %d (msgbus / raw)")
     :format(ROUNDS, N.latency // ROUNDS, N.warm, L.n, RL.n, R.lat_h.n, R.raw_lat_h.n, R.lat_nol.n, R.raw_lat_nol.n))
+  -- server CPU a message by kind of process: where the time of figures 1 and 2 goes
+  local function per_msg(acc)
+    local kinds, sum = {}, 0
+    for who, v in pairs(acc.who) do
+      local u = v / acc.n * 1e6
+      sum = sum + u
+      if u >= 5 then kinds[#kinds + 1] = ("%s %.0f"):format(who, u) end
+    end
+    table.sort(kinds)
+    return ("%.0f (%s)"):format(sum, table.concat(kinds, ", "))
+  end
+  print("- server CPU a message, all processes of both clusters (a: the sender's, b: the receiver's), µs:")
+  print(("  latency, no listener: msgbus %s; raw %s"):format(per_msg(R.cpu_lat.m), per_msg(R.cpu_lat.r)))
+  print(("  sends (with replication catching up): msgbus %s; raw %s; the machine was %.2f and %.2f cores busy")
+    :format(per_msg(R.cpu_sends.m), per_msg(R.cpu_sends.r), R.cpu_sends.m.busy / R.cpu_sends.m.wall,
+      R.cpu_sends.r.busy / R.cpu_sends.r.wall))
   print(("- sends: %d rounds of %d through each of bus:send, libpq and luasql"):format(ROUNDS, N.sends // ROUNDS))
   for _, b in ipairs { s, big } do
     local seg = {}
