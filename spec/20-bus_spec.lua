@@ -405,14 +405,20 @@ describe("msgbus between two servers", function()
   end)
 
   it("dead-letters what it cannot take instead of stopping delivery", function()
-    -- a sender whose schema lets a bad row through (constraint dropped by hand)
+    -- a sender whose schema lets bad rows through: written here as a superuser with
+    -- session_replication_role = replica, which msgbus's check lets pass
     local outbox = "to_" .. payments.service
-    env.exec(store, "alter table msgbus.messages drop constraint messages_valid")
-    env.exec(store, ("insert into msgbus.%s (sender, receiver, type, data) values ($1, $2, 'bad', '[1,2]')")
-      :format(outbox), store.service, payments.service)
+    local c = assert(core.connect(store.conninfo))
+    assert(c:exec("set session_replication_role = replica"))
+    assert(c:exec(("insert into msgbus.%s (sender, receiver, type, data) values ($1, $2, 'bad', '[1,2]')")
+      :format(outbox), store.service, payments.service))
     -- deeper than any receiver decodes: it would make every listen that claims it fail
-    env.exec(store, ("insert into msgbus.%s (sender, receiver, type, data) values ($1, $2, 'deep', $3::jsonb)")
-      :format(outbox), store.service, payments.service, '{"a":' .. ("["):rep(1200) .. ("]"):rep(1200) .. "}")
+    assert(c:exec(("insert into msgbus.%s (sender, receiver, type, data) values ($1, $2, 'deep', $3::jsonb)")
+      :format(outbox), store.service, payments.service, '{"a":' .. ("["):rep(1200) .. ("]"):rep(1200) .. "}"))
+    -- an ack that names no message: taking it would raise in the receiver's trigger
+    assert(c:exec(("insert into msgbus.%s (sender, receiver, type) values ($1, $2, 'msgbus.ack')")
+      :format(outbox), store.service, payments.service))
+    c:close()
     local id = assert(sbus:send(payments.service, "after_bad", {}))
     assert.is_true(sbus:wait_ack(id, 20))
     local got
@@ -424,9 +430,10 @@ describe("msgbus between two servers", function()
       env.scalar(payments, "select reason from msgbus.dead_letters where type = 'deep'"))
     assert.equal(0, env.scalar(payments, [[select coalesce(sum(apply_error_count), 0)::int8
                                            from pg_stat_subscription_stats]]))
-    -- the bad row was acknowledged too, so it left the outbox and the check holds again
-    assert.equal(0, outbox_count(store, payments))
-    env.exec(store, "alter table msgbus.messages add constraint messages_valid check (msgbus.valid_message(type, reply, data))")
+    -- the bad rows were acknowledged too, so they left the outbox (the ack without a
+    -- message is never acknowledged: it is the one row left, and goes by hand)
+    assert.equal(1, outbox_count(store, payments))
+    env.exec(store, ("delete from msgbus.%s where type = 'msgbus.ack'"):format(outbox))
   end)
 end)
 

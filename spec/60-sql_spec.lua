@@ -69,6 +69,12 @@ describe("the SQL API", function()
     out, err = as_app(("select msgbus.send('%s', 'bad type!', '{}')"):format(lx.service))
     assert.is_nil(out)
     assert.matches("invalid message type 'bad type!'", err, 1, true)
+    -- the check lets the apply worker's rows pass (session_replication_role = replica,
+    -- which the inbox trigger has validated); the application cannot take that role
+    out, err = as_app(("set session_replication_role = replica; insert into msgbus.messages (receiver, type, data)"
+      .. " values ('%s', 't', '[1]')"):format(lx.service))
+    assert.is_nil(out)
+    assert.matches("permission denied to set parameter \"session_replication_role\"", err, 1, true)
     assert.equal("0", psql(sq, "select count(*) from msgbus.messages"))
   end)
 
