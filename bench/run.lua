@@ -351,12 +351,13 @@ local function cpu_snapshot(roles)
   return s
 end
 
--- Adds the CPU used and the time spent waiting for a CPU between two snapshots to
--- `into` (kinds summed, and the busiest single apply worker on b as a share of one core).
+-- An empty account for cpu_add (n: messages, for the caller to count).
 local function cpu_acc()
   return { wall = 0, who = {}, wait = {}, busiest = 0, busy = 0, iowait = 0, n = 0 }
 end
 
+-- Adds the CPU used and the time spent waiting for a CPU between two snapshots to
+-- `into` (kinds summed, and the busiest single apply worker on b as a share of one core).
 local function cpu_add(into, before, after)
   local wall = after.t - before.t
   into.wall = into.wall + wall
@@ -818,7 +819,7 @@ end
 
 local function fan_acc()
   return { n = 0, t_ack = 0, t_con = 0, senders = {}, runs = 0,
-           cpu = { wall = 0, who = {}, wait = {}, busiest = 0, busy = 0, iowait = 0 },
+           cpu = cpu_acc(),
            wal = { a = { syncs = 0, sync_ms = 0 }, b = { syncs = 0, sync_ms = 0 } } }
 end
 
