@@ -16,6 +16,7 @@
 -- printing its figures each waits until GOFILE is gone again before it closes its
 -- connection and prints "done", so that run.lua can read the CPU time of the server
 -- processes serving it while they still exist.
+local cluster = require "msgbus.cluster"
 local core = require "msgbus.core"
 local msgbus = require "msgbus"
 
@@ -31,13 +32,6 @@ end
 local function die(...)
   io.stderr:write("fanin ", mode, ": ", table.concat({ ... }, " "), "\n")
   os.exit(1)
-end
-
-local function self_pid()
-  local f = io.open("/proc/self/stat", "r")
-  local pid = f and f:read("n")
-  if f then f:close() end
-  return pid or 0
 end
 
 local function exists(path)
@@ -58,7 +52,7 @@ end
 
 local bus, err = msgbus.connect(conninfo)
 if not bus then die(err) end
-io.stdout:write(("ready %d\n"):format(self_pid()))
+io.stdout:write(("ready %d\n"):format(cluster.self_pid()))
 io.stdout:flush()
 
 local gofile

@@ -14,6 +14,7 @@
 --     Prints "done" at the end.
 --
 -- Both modes first print "ready PID" once connected and listening.
+local cluster = require "msgbus.cluster"
 local core = require "msgbus.core"
 local msgbus = require "msgbus"
 
@@ -38,17 +39,9 @@ local function rss_kib()
   return tonumber(text:match("VmRSS:%s*(%d+)")) or 0
 end
 
-local function self_pid()
-  local f = io.open("/proc/self/stat", "r")
-  -- /proc/self of io.open is this process (no shell in between)
-  local pid = f and f:read("n")
-  if f then f:close() end
-  return pid or 0
-end
-
 local bus, err = msgbus.connect(conninfo)
 if not bus then die(err) end
-io.stdout:write(("ready %d\n"):format(self_pid()))
+io.stdout:write(("ready %d\n"):format(cluster.self_pid()))
 io.stdout:flush()
 
 if mode == "latency" then

@@ -297,11 +297,8 @@ local CLK_TCK = 100           -- clock ticks a second of /proc/*/stat (getconf C
 -- A process's CPU time (utime + stime) and its time spent runnable, waiting for a CPU
 -- (schedstat), in seconds; nil once it is gone.
 local function proc_cpu(pid)
-  local stat = cluster.read_file("/proc/" .. pid .. "/stat")
-  local rest = stat and stat:match("^%d+ %b() (.*)$")
-  if not rest then return nil end
-  local f = {}
-  for w in rest:gmatch("%S+") do f[#f + 1] = w end
+  local f = cluster.proc_stat(pid)
+  if not f then return nil end
   local sched = numbers(cluster.read_file("/proc/" .. pid .. "/schedstat"))
   return (tonumber(f[12]) + tonumber(f[13])) / CLK_TCK, (sched[2] or 0) / 1e9
 end
@@ -333,10 +330,8 @@ local function cpu_snapshot(roles)
     end
     -- processes that ended in between (the raw client's session): the postmaster's
     -- count of its reaped children's CPU (cutime + cstime)
-    local stat = cluster.read_file("/proc/" .. math.tointeger(pm) .. "/stat")
-    local f = {}
-    for w in ((stat or ""):match("^%d+ %b() (.*)$") or ""):gmatch("%S+") do f[#f + 1] = w end
-    if f[15] then
+    local f = cluster.proc_stat(math.tointeger(pm))
+    if f then
       s.procs["ended " .. c[2]] = { who = c[2] .. " ended processes", cpu = (tonumber(f[14]) + tonumber(f[15])) / CLK_TCK, wait = 0 }
     end
   end

@@ -68,12 +68,8 @@ Child.__index = Child
 
 -- State letter and start time (in clock ticks since boot) of a process, or nil.
 local function proc_stat(pid)
-  local stat = fault.read_file("/proc/" .. pid .. "/stat")
-  local rest = stat and stat:match("^%d+ %b() (.*)$")
-  if not rest then return nil end
-  local fields = {}
-  for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
-  return fields[1], fields[20]
+  local f = cluster.proc_stat(pid)
+  if f then return f[1], f[20] end
 end
 
 -- Start `code` in a new lua5.4 process; its output goes to a file (a pipe would fill

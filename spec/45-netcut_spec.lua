@@ -86,7 +86,7 @@ local function make_net()
   local _, uid = sh("id -u")
   if uid:match("%d+") ~= "0" then return nil, "network namespaces need root" end
   if not sh("command -v ip") then return nil, "ip (Debian package iproute2) is not installed" end
-  local pid = assert(fault.read_file("/proc/self/stat")):match("^%d+")
+  local pid = assert(cluster.self_pid())
   local net = setmetatable({ a = "msgbus_nc" .. pid .. "a", b = "msgbus_nc" .. pid .. "b",
                              root_a = "mbnc" .. pid .. "a", root_b = "mbnc" .. pid .. "b" }, Net)
   net:destroy()

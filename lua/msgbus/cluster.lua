@@ -125,10 +125,30 @@ local function port_accepts(host, port)
   return ok ~= nil
 end
 
+-- The fields of /proc/<pid>/stat that follow the command name, as strings: [1] the
+-- state letter, [12] utime, [13] stime, [14] cutime, [15] cstime (clock ticks), [20]
+-- the start time; nil when there is no such process.
+local function proc_stat(pid)
+  local stat = read_file("/proc/" .. pid .. "/stat")
+  local rest = stat and stat:match("^%d+ %b() (.*)$")
+  if not rest then return nil end
+  local f = {}
+  for w in rest:gmatch("%S+") do f[#f + 1] = w end
+  return f
+end
+
+M.proc_stat = proc_stat
+
+-- This process's pid (Lua has none to give; /proc/self opened by io.open is this
+-- process, with no shell in between).
+function M.self_pid()
+  return tonumber((read_file("/proc/self/stat") or ""):match("^%d+"))
+end
+
 -- True while the process exists and is not a zombie.
 local function process_alive(pid)
-  local stat = read_file("/proc/" .. pid .. "/stat")
-  if stat then return stat:match("^%d+ %b() (%a)") ~= "Z" end
+  local f = proc_stat(pid)
+  if f then return f[1] ~= "Z" end
   return os.execute("kill -0 " .. pid .. " 2>/dev/null") == true
 end
 
