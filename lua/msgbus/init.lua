@@ -769,7 +769,10 @@ function Bus:listen(handler, opts)
   local single = 0 -- messages to hand out one transaction each after a failed batch commit
   local idle_deadline = timeout and core.now() + timeout
   while not self.closed do
+    -- what happened: "handled" (n messages handled; a batch whose handlers all
+    -- failed has n = 0), "failed", "empty", or nil with err, code
     local what, err, code
+    local n = 0
     if batch and batch > 1 and single == 0 then
       local handled, tried
       handled, tried, code = listen_batch(self, handler, max and math.min(batch, max - count) or batch)
@@ -778,32 +781,23 @@ function Bus:listen(handler, opts)
       elseif handled and tried == 0 then
         what = "empty"
       elseif handled then
-        count = count + handled
-        self.consumed = (self.consumed or 0) + handled
-        if self.consumed >= VACUUM_EVERY then
-          self.consumed = 0
-          run_vacuum(self)
-        end
-        if max and count >= max then return count end
-        idle_deadline = timeout and core.now() + timeout
-        what = "batch"
+        what, n = "handled", handled
       else
         err = tried
       end
     else
       what, err, code = listen_once(self, handler)
+      if what == "handled" then n = 1 end
       if what == "handled" or what == "failed" then single = math.max(single - 1, 0) end
     end
     if what == "handled" then
-      count = count + 1
-      self.consumed = (self.consumed or 0) + 1
+      count = count + n
+      self.consumed = (self.consumed or 0) + n
       if self.consumed >= VACUUM_EVERY then
         self.consumed = 0
         run_vacuum(self)
       end
       if max and count >= max then return count end
-      idle_deadline = timeout and core.now() + timeout
-    elseif what == "batch" then -- counted above
       idle_deadline = timeout and core.now() + timeout
     elseif what == "failed" then
       idle_deadline = timeout and core.now() + timeout
