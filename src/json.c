@@ -16,7 +16,6 @@
 #endif
 
 #define JSON_DEFAULT_DEPTH 100
-/* The codec recurses in C once per level; this bounds the C stack it uses. */
 
 /* ---------------------------------------------------------------- utf8 */
 

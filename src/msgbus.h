@@ -6,7 +6,8 @@
 #include <lauxlib.h>
 
 /* The deepest JSON nesting the codec encodes or decodes (its maxdepth argument's
- * upper bound; server-produced JSON is decoded with it). */
+ * upper bound; server-produced JSON is decoded with it). The codec recurses in C
+ * once per level: this bounds the C stack it uses. */
 #define MSGBUS_JSON_MAX_DEPTH 1000
 
 /* Each concern adds its functions to the module table on top of the stack. */

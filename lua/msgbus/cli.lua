@@ -376,7 +376,7 @@ local function collect_status(bus, max_ack_age)
       problem(r.peer, "subscription %s is missing", r.sub_name)
     elseif not r.sub_enabled then
       problem(r.peer, "subscription %s is disabled", r.sub_name)
-    elseif not r.worker_pid and r.linked_age > STARTING then
+    elseif not r.worker_pid and not p.subscription.starting then
       problem(r.peer, "subscription %s has no running worker (is the server of %s reachable?)", r.sub_name, r.peer)
     end
     -- apply_error_count is shown but is no health rule: on PostgreSQL 15 a lost
