@@ -44,8 +44,7 @@ build = {
       ["msgbus.sql.004_passfile"] = "sql/004_passfile.sql",
       ["msgbus.sql.005_fast_arrival"] = "sql/005_fast_arrival.sql",
       ["msgbus.sql.006_fast_ack_check"] = "sql/006_fast_ack_check.sql",
-      ["msgbus.sql.007_async_acks"] = "sql/007_async_acks.sql",
-      ["msgbus.sql.008_check_once"] = "sql/008_check_once.sql",
+      ["msgbus.sql.007_apply_cost"] = "sql/007_apply_cost.sql",
     },
   },
 }
