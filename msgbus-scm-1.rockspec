@@ -45,6 +45,7 @@ build = {
       ["msgbus.sql.005_fast_arrival"] = "sql/005_fast_arrival.sql",
       ["msgbus.sql.006_fast_ack_check"] = "sql/006_fast_ack_check.sql",
       ["msgbus.sql.007_apply_cost"] = "sql/007_apply_cost.sql",
+      ["msgbus.sql.008_claim_batch"] = "sql/008_claim_batch.sql",
     },
   },
 }

@@ -289,18 +289,44 @@ describe("msgbus between two servers", function()
     it("rolls back only the failing handler's work; the rest of the batch commits", function()
       pbus:exec("create table if not exists batch_effects (msg uuid primary key, i int)")
       fill(10)
-      local calls = {}
+      local calls, order = {}, {}
       local count = pbus:listen(function(m)
         calls[m.data.i] = (calls[m.data.i] or 0) + 1
+        order[#order + 1] = m.data.i
         assert(pbus:exec("insert into batch_effects values ($1, $2)", m.id, m.data.i))
         if m.data.i == 4 and calls[4] == 1 then error("first attempt of 4 fails") end
       end, { batch = 10, max = 10, timeout = 10 })
       assert.equal(10, count)
       assert.equal(2, calls[4])
       for i = 1, 10 do if i ~= 4 then assert.equal(1, calls[i]) end end
+      -- the sender's later messages wait for 4's retry: its order holds
+      assert.same({ 1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10 }, order)
       -- one effect per message: the failed attempt's insert was rolled back
       assert.equal(10, env.scalar(payments, "select count(*)::int8 from batch_effects"))
       assert.equal(0, inbox_count(payments))
+    end)
+
+    it("fails a message whose handler caught the error of its own statement; the rest commit once", function()
+      pbus:exec("create table if not exists batch_caught (msg uuid primary key, i int)")
+      local ids = fill(6)
+      local calls = {}
+      local count = pbus:listen(function(m)
+        calls[m.data.i] = (calls[m.data.i] or 0) + 1
+        assert(pbus:exec("insert into batch_caught values ($1, $2)", m.id, m.data.i))
+        if m.data.i == 2 and calls[2] == 1 then
+          -- the error comes back as a value and the handler returns normally, but
+          -- the statement aborted the work of this message
+          local ok, err = pbus:exec("select 1/0")
+          assert.is_nil(ok)
+          assert.matches("division by zero", err)
+        end
+      end, { batch = 10, max = 6, timeout = 10 })
+      assert.equal(6, count)
+      -- 2 was tried twice, every other message once: the batch was not thrown away
+      assert.same({ 1, 2, 1, 1, 1, 1 }, calls)
+      assert.equal(6, env.scalar(payments, "select count(*)::int8 from batch_caught"))
+      assert.equal(0, inbox_count(payments))
+      assert.equal(0, env.scalar(payments, "select count(*)::int8 from msgbus.dead_letters where id = $1", ids[2]))
     end)
 
     it("when the batch's commit fails, finds the message that made it fail, one transaction each", function()

@@ -23,51 +23,56 @@ local function scans(svc)
 end
 
 describe("listen", function()
-  it("shares an inbox between processes: each message once, each sender in order", function()
-    local x, y, hub = env.linked({ "px", "py", "phub" }, { "a", "b", "c" })
-    local hb = env.connect(hub)
-    hb:exec("create table handled (msg uuid primary key, sender text, i int, worker int, seq bigserial)")
-    local n = 200
-    for _, s in ipairs { x, y } do
-      local b = env.connect(s)
-      assert(b:transaction(function()
-        for i = 1, n do assert(b:send(hub.service, "work", { i = i })) end
-      end))
-      b:close()
-    end
-    env.wait_until(function()
-      return env.scalar(hub, "select count(*)::int8 from msgbus.inbox") == 2 * n
-    end, 60, "the messages to arrive")
-    local workers = {}
-    for w = 1, 3 do
-      workers[w] = spawn(([[
-        local msgbus = require "msgbus"
-        local bus = assert(msgbus.connect(%q))
-        local count = assert(bus:listen(function(m)
-          assert(bus:exec("insert into handled (msg, sender, i, worker) values ($1, $2, $3, $4)",
-                          m.id, m.sender, m.data.i, %d))
-        end, { timeout = 1 }))
-        io.write("handled ", count)
-      ]]):format(hub.conninfo, w))
-    end
-    local total = 0
-    for w = 1, 3 do
-      local out = workers[w]:read("a")
-      workers[w]:close()
-      total = total + assert(tonumber(out:match("handled (%d+)")), out)
-    end
-    assert.equal(2 * n, total)
-    assert.equal(2 * n, env.scalar(hub, "select count(*)::int8 from handled"))
-    assert.equal(0, env.scalar(hub, "select count(*)::int8 from msgbus.inbox"))
-    assert.equal(0, env.scalar(hub, "select count(*)::int8 from msgbus.dead_letters"))
-    -- in commit order, each sender's messages were handled 1, 2, 3, ...
-    for _, s in ipairs { x, y } do
-      local rows = env.exec(hub, "select i from handled where sender = $1 order by seq", s.service)
-      assert.equal(n, #rows)
-      for i = 1, n do assert.equal(i, rows[i].i) end
-    end
-    hb:close()
-  end)
+  -- batch sizes of the three workers: one message a transaction (claim), and a mix
+  -- of that with batches (claim_batch) on the same inbox
+  for _, batches in ipairs { { 1, 1, 1 }, { 1, 10, 64 } } do
+    it(("shares an inbox between processes: each message once, each sender in order (batch %s)")
+      :format(table.concat(batches, ", ")), function()
+      local x, y, hub = env.linked({ "px", "py", "phub" }, { "a", "b", "c" })
+      local hb = env.connect(hub)
+      hb:exec("create table handled (msg uuid primary key, sender text, i int, worker int, seq bigserial)")
+      local n = 200
+      for _, s in ipairs { x, y } do
+        local b = env.connect(s)
+        assert(b:transaction(function()
+          for i = 1, n do assert(b:send(hub.service, "work", { i = i })) end
+        end))
+        b:close()
+      end
+      env.wait_until(function()
+        return env.scalar(hub, "select count(*)::int8 from msgbus.inbox") == 2 * n
+      end, 60, "the messages to arrive")
+      local workers = {}
+      for w = 1, 3 do
+        workers[w] = spawn(([[
+          local msgbus = require "msgbus"
+          local bus = assert(msgbus.connect(%q))
+          local count = assert(bus:listen(function(m)
+            assert(bus:exec("insert into handled (msg, sender, i, worker) values ($1, $2, $3, $4)",
+                            m.id, m.sender, m.data.i, %d))
+          end, { timeout = 1, batch = %d }))
+          io.write("handled ", count)
+        ]]):format(hub.conninfo, w, batches[w]))
+      end
+      local total = 0
+      for w = 1, 3 do
+        local out = workers[w]:read("a")
+        workers[w]:close()
+        total = total + assert(tonumber(out:match("handled (%d+)")), out)
+      end
+      assert.equal(2 * n, total)
+      assert.equal(2 * n, env.scalar(hub, "select count(*)::int8 from handled"))
+      assert.equal(0, env.scalar(hub, "select count(*)::int8 from msgbus.inbox"))
+      assert.equal(0, env.scalar(hub, "select count(*)::int8 from msgbus.dead_letters"))
+      -- in commit order, each sender's messages were handled 1, 2, 3, ...
+      for _, s in ipairs { x, y } do
+        local rows = env.exec(hub, "select i from handled where sender = $1 order by seq", s.service)
+        assert.equal(n, #rows)
+        for i = 1, n do assert.equal(i, rows[i].i) end
+      end
+      hb:close()
+    end)
+  end
 
   it("vacuums its inbox after a burst, not each time a trickle leaves it empty", function()
     local s, r = env.linked({ "vs", "vr" }, { "a", "b" })

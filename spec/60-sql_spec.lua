@@ -119,6 +119,39 @@ describe("the SQL API", function()
     assert.equal("0", as_app("select count(*) from msgbus.inbox"))
   end)
 
+  it("claims a batch in each sender's order with claim_batch, and done_many consumes it", function()
+    assert.equal("0", as_app("select count(*) from msgbus.inbox"))
+    local ids = {}
+    assert(bus:transaction(function()
+      for i = 1, 3 do ids[i] = assert(bus:send(sq.service, "batched", { i = i })) end
+    end))
+    assert.is_true(bus:wait_ack(ids[3], 20))
+    -- the application role may call both; a claim without done_many consumes nothing
+    assert.equal("1", as_app("select count(*) from msgbus.claim_batch(1)"))
+    assert.equal("0", as_app("select msgbus.done_many('{}')"))
+    assert.equal("3", as_app("select count(*) from msgbus.inbox"))
+    local c1 = assert(core.connect(sq.conninfo))
+    local c2 = assert(core.connect(sq.conninfo))
+    local rows = assert(c1:script("begin; select id::text as id, (data->>'i')::int as i from msgbus.claim_batch(2)"))
+    assert.same({ { id = ids[1], i = 1 }, { id = ids[2], i = 2 } }, rows)
+    -- another consumer gets nothing: 3 is behind its sender's 1 and 2, locked by c1
+    assert.same({}, assert(c2:script("begin; select id from msgbus.claim_batch(10)")))
+    assert(c2:exec("rollback"))
+    assert.same({ { n = 2 } }, assert(c1:exec("select msgbus.done_many($1::uuid[]) as n",
+      ("{%s,%s}"):format(ids[1], ids[2]))))
+    assert(c1:exec("commit"))
+    rows = assert(c2:script("begin; select id::text as id from msgbus.claim_batch(10)"))
+    assert.same({ { id = ids[3] } }, rows)
+    assert(c2:script(("select msgbus.done_many('{%s}'); commit"):format(ids[3])))
+    assert.equal("0", as_app("select count(*) from msgbus.inbox"))
+    local ok, err, code = c2:exec("select * from msgbus.claim_batch(0)")
+    assert.is_nil(ok)
+    assert.equal("22023", code)
+    assert.matches("claim_batch takes from 1 to 1000 messages, not 0", err, 1, true)
+    c1:close()
+    c2:close()
+  end)
+
   it("gives the application role no more than the protocol", function()
     for _, sql in ipairs {
       "delete from msgbus.dead_letters",

@@ -237,7 +237,18 @@ Bus.__gc = Bus.close
 -- connection cannot be replaced: the transaction is gone.
 local function conn_of(self)
   local conn = self.conn
-  if conn and conn:ok() then return conn end
+  if conn and conn:ok() then
+    -- a handler of listen { batch } touches the database: its savepoint first
+    local b = self.batch
+    if b and b.due then
+      b.due = false
+      local ok, err, code = conn:script(b.open and "release savepoint msgbus_message; savepoint msgbus_message"
+                                        or "savepoint msgbus_message")
+      if not ok then return nil, err, code end
+      b.open, b.fresh = true, true
+    end
+    return conn
+  end
   if self.depth > 0 then
     return fail("the connection was lost inside a transaction; it was rolled back", "closed")
   end
@@ -608,53 +619,76 @@ local function listen_once(self, handler)
   return "failed"
 end
 
--- Up to `limit` messages through the handler in one transaction, each under its own
--- savepoint: a handler that raises rolls back its own work and its message is
--- counted as a failed attempt, in the same transaction; the others go on. A message
+-- Up to `limit` messages through the handler in one transaction, taken with one
+-- msgbus.claim_batch and consumed with one msgbus.done_many. Each handler that
+-- touches the database through the bus does so under its own savepoint, opened on
+-- its first call (conn_of), so that a handler that raises rolls back its own work
+-- and its message is counted as a failed attempt, in the same transaction; the others
+-- go on, except the later messages of the failed one's sender, which stay in the
+-- inbox for the next batch (a sender's messages are handled in order). A message
 -- leaves the inbox when the batch commits, together with its handler's writes, so
 -- effects still commit exactly once. Returns handled, tried (0 tried: the inbox had
 -- nothing available), or nil, err, code. When the commit itself fails, nothing of
 -- the batch happened: "single" is returned, and listen hands the next messages out
 -- one transaction each, which tells whose work made the commit fail.
-local function listen_batch(self, handler, limit)
+local function listen_batch_in(self, handler, limit, b)
   local conn, err, code = conn_of(self)
   if not conn then return nil, err, code end
-  local ok
-  ok, err, code = conn:exec("begin")
-  if not ok then return nil, err, code end
-  local handled, tried = 0, 0
   local function abort(e, c)
     if conn:ok() then conn:exec("rollback") end
     return nil, e, c or "closed"
   end
-  while tried < limit and not self.closed do
-    local rows
-    rows, err, code = conn:script("savepoint msgbus_message; select * from msgbus.claim()")
-    if not rows then return abort(err, code) end
-    local row = rows[1]
-    if not row then break end
-    tried = tried + 1
-    local msg, hok, herr = run_handler(self, handler, row)
-    if hok then
-      rows, err, code = conn:script(("select msgbus.done('%s'); release savepoint msgbus_message"):format(msg.id))
-      if rows then handled = handled + 1 end
-      herr = err or "the transaction was rolled back"
-    end
-    if not (hok and rows) then
-      if not conn:ok() then return abort(err or tostring(herr), code) end
-      ok, err, code = conn:script("rollback to savepoint msgbus_message; release savepoint msgbus_message")
-      if not ok then return abort(err, code) end
-      ok, err, code = conn:run("fail", msg.id, tostring(herr), self.max_attempts)
-      if not ok then return abort(err, code) end
+  local rows
+  rows, err, code = conn:script(("begin; select * from msgbus.claim_batch(%d)"):format(limit))
+  if not rows then return abort(err, code) end
+  local done, failed = {}, {}
+  local tried = 0
+  for _, row in ipairs(rows) do
+    if self.closed then break end
+    if not failed[row.sender] then
+      tried = tried + 1
+      b.due, b.fresh = true, false
+      local msg, hok, herr = run_handler(self, handler, row)
+      b.due = false
+      if hok and b.fresh and conn:txstatus() ~= "intrans" then
+        -- the handler caught the error of its own statement: its work is void
+        hok, herr = false, "a statement of the handler failed, which aborted its transaction"
+      end
+      if hok then
+        done[#done + 1] = msg.id
+      else
+        if not conn:ok() then return abort(tostring(herr), "closed") end
+        if b.fresh then
+          local ok
+          ok, err, code = conn:script("rollback to savepoint msgbus_message; release savepoint msgbus_message")
+          if not ok then return abort(err, code) end
+          b.open = false
+        end
+        failed[row.sender] = true
+        local ok
+        ok, err, code = conn:run("fail", msg.id, tostring(herr), self.max_attempts)
+        if not ok then return abort(err, code) end
+      end
     end
   end
-  ok, err, code = conn:exec("commit")
+  -- the ids come from the database, in canonical form: safe to inline
+  local ok
+  ok, err, code = conn:script(#done > 0 and ("select msgbus.done_many('{%s}'); commit"):format(table.concat(done, ","))
+                              or "commit")
   if not ok or conn:txstatus() ~= "idle" then
     if not conn:ok() then return nil, err or "the connection was lost at commit", code or "closed" end
     conn:exec("rollback")
     return "single", tried
   end
-  return handled, tried
+  return #done, tried
+end
+
+local function listen_batch(self, handler, limit)
+  local b = { due = false, open = false, fresh = false }
+  self.batch = b
+  local handled, tried, code = listen_batch_in(self, handler, limit, b)
+  self.batch = nil
+  return handled, tried, code
 end
 
 --- bus:status([opts]) -> table | nil, err
