@@ -769,11 +769,14 @@ local VACUUM_IDLE = 100
 local MAX_BATCH = 64
 
 -- Vacuum the inbox, skipping it if another listener is at it; a role that does not
--- own the table only gets a warning, which is ignored.
+-- own the table only gets a warning, which is ignored. Without parallel workers:
+-- once the inbox's indexes pass min_parallel_index_scan_size, VACUUM starts
+-- workers for them, and starting them took longer than the vacuum's own work (a
+-- listen { batch = 50 } consumed 7,700 messages a second with them, 17,000 without).
 run_vacuum = function(self)
   local conn = self.conn
   if conn and conn:ok() and conn:txstatus() == "idle" then
-    conn:exec(("vacuum (skip_locked) msgbus.%s"):format(conn:escape_identifier("to_" .. self.service)))
+    conn:exec(("vacuum (skip_locked, parallel 0) msgbus.%s"):format(conn:escape_identifier("to_" .. self.service)))
   end
 end
 
