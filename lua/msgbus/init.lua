@@ -652,7 +652,8 @@ local function listen_batch_in(self, handler, limit, b)
       b.due = false
       if hok and b.fresh and conn:txstatus() ~= "intrans" then
         -- the handler caught the error of its own statement: its work is void
-        hok, herr = false, "a statement of the handler failed, which aborted its transaction"
+        hok, herr = false, conn:ok() and "a statement of the handler failed, which aborted its transaction"
+                           or "the connection was lost"
       end
       if hok then
         done[#done + 1] = msg.id
