@@ -249,6 +249,56 @@ describe("msgbus between two servers", function()
     assert.equal(0, outbox_count(store, payments))
   end)
 
+  it("commits a handled message even when the claim of the next one, sent with it, fails", function()
+    -- listen sends a message's done and commit and the next claim in one round trip
+    local ids = {}
+    assert(sbus:transaction(function()
+      for i = 1, 3 do ids[i] = assert(sbus:send(payments.service, "chain", { i = i })) end
+    end))
+    assert.is_true(sbus:wait_ack(ids[3], 20))
+    local bus = env.connect(payments)
+    local calls = {}
+    local n, err, code = bus:listen(function(m)
+      calls[#calls + 1] = m.data.i
+      -- from the next transaction on, the claim's FOR UPDATE is refused
+      if m.data.i == 1 then assert(bus:exec("set default_transaction_read_only = on")) end
+    end, { max = 3, timeout = 5 })
+    assert.is_nil(n)
+    assert.equal("25006", code)
+    assert.matches("read%-only transaction", err)
+    assert.same({ 1 }, calls)
+    -- 1 is consumed, once; 2 and 3 wait, untouched
+    assert.equal(2, inbox_count(payments))
+    assert.equal(0, env.scalar(payments, "select count(*)::int8 from msgbus.inbox where id = $1", ids[1]))
+    assert.equal(0, env.scalar(payments, "select coalesce(sum(attempts), 0)::int8 from msgbus.inbox"))
+    assert(bus:exec("reset default_transaction_read_only"))
+    assert.equal(2, bus:listen(function(m) calls[#calls + 1] = m.data.i end, { max = 2, timeout = 5 }))
+    assert.same({ 1, 2, 3 }, calls)
+    bus:close()
+  end)
+
+  it("fails a message whose handler caught the error of its own statement, one transaction each", function()
+    pbus:exec("create table if not exists single_caught (msg uuid primary key, i int)")
+    local ids = {}
+    assert(sbus:transaction(function()
+      for i = 1, 3 do ids[i] = assert(sbus:send(payments.service, "caught", { i = i })) end
+    end))
+    assert.is_true(sbus:wait_ack(ids[3], 20))
+    local calls = {}
+    assert.equal(3, pbus:listen(function(m)
+      calls[#calls + 1] = m.data.i
+      assert(pbus:exec("insert into single_caught values ($1, $2)", m.id, m.data.i))
+      if m.data.i == 2 and #calls == 2 then
+        local ok = pbus:exec("select 1/0")
+        assert.is_nil(ok)
+      end
+    end, { max = 3, timeout = 10 }))
+    -- 2's first attempt was rolled back and counted, then 2 again, then 3
+    assert.same({ 1, 2, 2, 3 }, calls)
+    assert.equal(3, env.scalar(payments, "select count(*)::int8 from single_caught"))
+    assert.equal(0, inbox_count(payments))
+  end)
+
   it("hands messages from one sender over in send order", function()
     local n = 300
     assert(sbus:transaction(function()

@@ -589,34 +589,59 @@ local function run_handler(self, handler, row)
   return msg, ok, err
 end
 
-local function listen_once(self, handler)
+-- Whether message `id` is still in the inbox (after a rollback).
+local function still_there(conn, id)
+  local rows = conn:exec("select 1 as x from msgbus.inbox where id = $1::uuid", id)
+  return not rows or rows[1] ~= nil
+end
+
+-- Messages through the handler one transaction each, up to `limit` in a row: after a
+-- handled message, its done, its commit and the next claim go in one round trip.
+-- Returns what ended the run ("handled": the limit, or the bus was closed; "empty";
+-- "failed": a handler failed and its attempt is recorded) and how many were handled;
+-- or nil, how many were handled, err, code when the database could not be reached.
+local function listen_once(self, handler, limit)
   local conn, err, code = conn_of(self)
-  if not conn then return nil, err, code end
-  -- two round trips per message: "begin; claim" and "done; commit"
+  if not conn then return nil, 0, err, code end
   local rows
   rows, err, code = conn:script("begin; select * from msgbus.claim()")
   if not rows then
     if conn:ok() then conn:exec("rollback") end
-    return nil, err, code
+    return nil, 0, err, code
   end
-  local row = rows[1]
-  if not row then
-    conn:exec("commit")
-    return "empty"
+  local n = 0
+  while rows[1] do
+    local msg, hok, herr = run_handler(self, handler, rows[1])
+    if hok then
+      local more = n + 1 < limit and not self.closed
+      -- the id comes from the database, in canonical form: safe to inline
+      local sql = ("select msgbus.done('%s'); commit"):format(msg.id)
+      rows, err, code = conn:script(more and sql .. "; begin; select * from msgbus.claim()" or sql)
+      if rows and conn:txstatus() == (more and "intrans" or "idle") then
+        n = n + 1
+        if not more then return "handled", n end
+      else
+        -- the handler's own SQL failed and aborted the transaction, or done or the
+        -- commit failed: the message stays; or the next claim failed after the commit
+        local state = conn:txstatus()
+        if conn:ok() and state ~= "idle" then conn:exec("rollback") end
+        if not conn:ok() then return nil, n, err or "the connection was lost", code or "closed" end
+        if more and state == "inerror" and not still_there(conn, msg.id) then
+          return nil, n + 1, err, code
+        end
+        hok, herr = false, err or "the transaction was rolled back"
+      end
+    end
+    if not hok then
+      if conn:ok() and conn:txstatus() ~= "idle" then conn:exec("rollback") end
+      if not conn:ok() then return nil, n, err or tostring(herr), code or "closed" end
+      rows, err, code = conn:run("fail", msg.id, tostring(herr), self.max_attempts)
+      if not rows then return nil, n, err, code end
+      return "failed", n
+    end
   end
-  local msg, hok, herr = run_handler(self, handler, row)
-  if hok then
-    -- the id comes from the database, in canonical form: safe to inline
-    rows, err, code = conn:script(("select msgbus.done('%s'); commit"):format(msg.id))
-    if rows and conn:txstatus() == "idle" then return "handled" end
-    -- the handler's own SQL failed and aborted the transaction, or commit failed
-    herr = err or "the transaction was rolled back"
-  end
-  if conn:ok() then conn:exec("rollback") end
-  if not conn:ok() then return nil, err or tostring(herr), code or "closed" end
-  rows, err, code = conn:run("fail", msg.id, tostring(herr), self.max_attempts)
-  if not rows then return nil, err, code end
-  return "failed"
+  conn:exec("commit")
+  return "empty", n
 end
 
 -- Up to `limit` messages through the handler in one transaction, taken with one
@@ -807,8 +832,8 @@ function Bus:listen(handler, opts)
   local single = 0 -- messages to hand out one transaction each after a failed batch commit
   local idle_deadline = timeout and core.now() + timeout
   while not self.closed do
-    -- what happened: "handled" (n messages handled; a batch whose handlers all
-    -- failed has n = 0), "failed", "empty", or nil with err, code
+    -- what ended the step: "handled", "failed", "empty", or nil with err, code; and
+    -- n, the messages handled in it (a batch whose handlers all failed has n = 0)
     local what, err, code
     local n = 0
     if batch and batch > 1 and single == 0 then
@@ -824,11 +849,15 @@ function Bus:listen(handler, opts)
         err = tried
       end
     else
-      what, err, code = listen_once(self, handler)
-      if what == "handled" then n = 1 end
-      if what == "handled" or what == "failed" then single = math.max(single - 1, 0) end
+      -- a run ends where listen must look up: max, the next vacuum, the end of the
+      -- messages to hand out alone
+      local limit = math.max(VACUUM_EVERY - (self.consumed or 0), 1)
+      if max then limit = math.min(limit, max - count) end
+      if single > 0 then limit = math.min(limit, single) end
+      what, n, err, code = listen_once(self, handler, limit)
+      single = math.max(single - n - (what == "failed" and 1 or 0), 0)
     end
-    if what == "handled" then
+    if n > 0 then
       count = count + n
       self.consumed = (self.consumed or 0) + n
       if self.consumed >= VACUUM_EVERY then
@@ -837,7 +866,8 @@ function Bus:listen(handler, opts)
       end
       if max and count >= max then return count end
       idle_deadline = timeout and core.now() + timeout
-    elseif what == "failed" then
+    end
+    if what == "handled" or what == "failed" then
       idle_deadline = timeout and core.now() + timeout
     elseif what == "empty" then
       single = 0
