@@ -413,8 +413,20 @@ describe("msgbus between two servers", function()
     env.wait_until(function()
       return env.scalar(store, "select count(*)::int8 from msgbus.inbox where reply = $1", id) == 1
     end, 20, "the reply")
-    -- a listener running now must not take it
-    assert.equal(0, sbus:listen(function() error("listen got the reply") end, { timeout = 0 }))
+    -- a listener running now must not take it, and does not spin on it either: it
+    -- looks again once a second (or at a notification), here for 2.5 s
+    local bus = env.connect(store)
+    local idx = getmetatable(bus.conn).__index
+    local script, exec, calls = idx.script, idx.exec, 0
+    idx.script = function(...) calls = calls + 1; return script(...) end
+    idx.exec = function(...) calls = calls + 1; return exec(...) end
+    local ok, n = pcall(bus.listen, bus, function() error("listen got the reply") end, { timeout = 2.5 })
+    idx.script, idx.exec = script, exec
+    assert(ok, n)
+    assert.equal(0, n)
+    assert.is_true(calls <= 12, ("%d round trips in 2.5 s"):format(calls))
+    assert.equal(1, bus:timeout())
+    bus:close()
     local r = assert(sbus:wait_reply(id, 20))
     assert.equal(id, r.reply)
     assert.equal("quoted", r.type)

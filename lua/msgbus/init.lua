@@ -598,8 +598,10 @@ end
 -- Messages through the handler one transaction each, up to `limit` in a row: after a
 -- handled message, its done, its commit and the next claim go in one round trip.
 -- Returns what ended the run ("handled": the limit, or the bus was closed; "empty";
--- "failed": a handler failed and its attempt is recorded) and how many were handled;
--- or nil, how many were handled, err, code when the database could not be reached.
+-- "failed": a handler failed and its attempt is recorded) and how many were handled,
+-- with "empty" also the seconds until the next held-back message comes due (as
+-- msgbus.next_due; false: none); or nil, how many were handled, err, code when the
+-- database could not be reached.
 local function listen_once(self, handler, limit)
   local conn, err, code = conn_of(self)
   if not conn then return nil, 0, err, code end
@@ -640,8 +642,14 @@ local function listen_once(self, handler, limit)
       return "failed", n
     end
   end
-  conn:exec("commit")
-  return "empty", n
+  -- nothing more now: end the transaction, and ask when a message held back for a
+  -- retry or a delay comes due (false: none is), in the same round trip
+  rows = conn:script("commit; select msgbus.next_due() as due")
+  if not rows then
+    if conn:ok() and conn:txstatus() ~= "idle" then conn:exec("rollback") end
+    return "empty", n
+  end
+  return "empty", n, nil, nil, rows[1] and rows[1].due or false
 end
 
 -- Up to `limit` messages through the handler in one transaction, taken with one
@@ -745,13 +753,24 @@ function Bus:events()
   return "r"
 end
 
+-- An available message that listen could not claim (its sender's earlier message is
+-- being handled elsewhere, or it is a reply that a wait_reply call waits for) is
+-- looked at again after this many seconds, or at the next notification: not in a
+-- loop, which a reply whose waiter went away would keep going for ever.
+local BLOCKED_RECHECK = 1
+
+-- Seconds to wait, from msgbus.next_due's answer (nil or false: nothing held back).
+local function due_wait(due)
+  if not due then return nil end
+  if due <= 0 then return BLOCKED_RECHECK end
+  return due
+end
+
 -- bus:timeout() -> seconds until a held-back message (retry, delay) comes due, or nil
 function Bus:timeout()
   bus_check(self)
   local rows = run(self, "next_due")
-  local due = rows and rows[1] and rows[1].due
-  if due then return math.max(due, 0) end
-  return nil
+  return due_wait(rows and rows[1] and rows[1].due)
 end
 
 local function check_handler(handler, fname)
@@ -834,7 +853,7 @@ function Bus:listen(handler, opts)
   while not self.closed do
     -- what ended the step: "handled", "failed", "empty", or nil with err, code; and
     -- n, the messages handled in it (a batch whose handlers all failed has n = 0)
-    local what, err, code
+    local what, err, code, due
     local n = 0
     if batch and batch > 1 and single == 0 then
       local handled, tried
@@ -854,7 +873,7 @@ function Bus:listen(handler, opts)
       local limit = math.max(VACUUM_EVERY - (self.consumed or 0), 1)
       if max then limit = math.min(limit, max - count) end
       if single > 0 then limit = math.min(limit, single) end
-      what, n, err, code = listen_once(self, handler, limit)
+      what, n, err, code, due = listen_once(self, handler, limit)
       single = math.max(single - n - (what == "failed" and 1 or 0), 0)
     end
     if n > 0 then
@@ -878,10 +897,13 @@ function Bus:listen(handler, opts)
       if idle_deadline and core.now() >= idle_deadline then return count end
       -- messages held back for a retry come due without a notification
       local wait_until = idle_deadline
-      local rows = run(self, "next_due")
-      local due = rows and rows[1] and rows[1].due
+      if due == nil then
+        local rows = run(self, "next_due")
+        due = rows and rows[1] and rows[1].due
+      end
+      due = due_wait(due)
       if due then
-        local at = core.now() + math.max(due, 0.001)
+        local at = core.now() + due
         if not wait_until or at < wait_until then wait_until = at end
       end
       local ok
