@@ -46,6 +46,7 @@ build = {
       ["msgbus.sql.006_fast_ack_check"] = "sql/006_fast_ack_check.sql",
       ["msgbus.sql.007_apply_cost"] = "sql/007_apply_cost.sql",
       ["msgbus.sql.008_claim_batch"] = "sql/008_claim_batch.sql",
+      ["msgbus.sql.009_wait_owner"] = "sql/009_wait_owner.sql",
     },
   },
 }

@@ -152,6 +152,74 @@ describe("the SQL API", function()
     c2:close()
   end)
 
+  it("forgets a wait whose session is gone, so that its reply is handed out, and keeps live ones", function()
+    assert.equal("0", as_app("select count(*) from msgbus.inbox"))
+    -- the application's session sends and registers that it waits for the reply,
+    -- as bus:send(..., { await_reply = true }) does
+    local holder = assert(core.connect(sq.conninfo:gsub("user=%S+", "") .. " user=sq_app password=" .. app_pw))
+    local id = assert(holder:exec(("with m as (select msgbus.send('%s', 'ask', '{}') as id), "
+      .. "w as (insert into msgbus.waits (id) select id from m) select id::text from m"):format(lx.service)))[1].id
+    assert.equal(1, bus:listen(function(m) assert(bus:reply(m, "answer", { n = 1 })) end, { max = 1, timeout = 20 }))
+    env.wait_until(function()
+      return as_app(("select count(*) from msgbus.inbox where reply = '%s'"):format(id)) == "1"
+    end, 20, "the reply")
+    local function claimable()
+      return as_app("select coalesce(string_agg(reply::text, ','), '-') from msgbus.claim()")
+    end
+    -- held by a live session: not handed out, and not forgotten even with no grace
+    assert.equal("-", claimable())
+    assert.equal("0", as_app("select msgbus.forget_orphaned_waits('0')"))
+    assert.equal("0", as_app("select msgbus.forget_orphaned_waits()"))
+    assert.equal("-", claimable())
+    -- a live session's wait marked orphaned (its pid came back) is unmarked
+    assert(psql(sq, "update msgbus.waits set orphaned_at = now() - interval '1 day'"))
+    assert.equal("0", as_app("select msgbus.forget_orphaned_waits('1 minute')"))
+    assert.equal("0", psql(sq, "select count(*) from msgbus.waits where orphaned_at is not null"))
+
+    -- the holder's session dies: with a grace, the first call only notes it
+    local watcher = assert(core.connect(sq.conninfo))
+    assert(watcher:exec("listen " .. watcher:escape_identifier("msgbus_" .. sq.service)))
+    assert.equal("t", psql(sq, ("select pg_terminate_backend(%d, 10000)"):format(holder:backend_pid())))
+    holder:close()
+    assert.equal("0", as_app("select msgbus.forget_orphaned_waits('1 hour')"))
+    assert.equal("1", psql(sq, "select count(*) from msgbus.waits where orphaned_at is not null"))
+    assert.equal("-", claimable())
+    -- the application role forgets it (grace 0: in one call), which wakes listeners
+    assert.same({}, assert(watcher:wait(0)))
+    assert.equal("1", as_app("select msgbus.forget_orphaned_waits('0')"))
+    assert.equal("0", psql(sq, "select count(*) from msgbus.waits"))
+    local notes = env.wait_until(function()
+      local n = assert(watcher:wait(0.2))
+      return n[1] and n
+    end, 20, "the inbox notification")
+    assert.equal("msgbus_" .. sq.service, notes[1].channel)
+    watcher:close()
+    -- and the reply is handed out like any message
+    assert.equal(id, claimable())
+    assert(as_app(("select msgbus.done(id) from msgbus.inbox where reply = '%s'"):format(id)))
+    assert.equal("0", as_app("select count(*) from msgbus.inbox"))
+
+    -- waits from before migration 009 have no holder: forgotten after dedup_retention
+    assert(psql(sq, [[insert into msgbus.waits (id, pid, since) values
+      (gen_random_uuid(), null, now() - interval '8 days'), (gen_random_uuid(), null, now())]]))
+    assert.equal("1", as_app("select msgbus.forget_orphaned_waits('0')"))
+    assert.equal("1", psql(sq, "select count(*) from msgbus.waits where pid is null"))
+    assert(psql(sq, "delete from msgbus.waits"))
+    -- prune forgets those gone longer than its grace (1 minute), and counts them
+    assert(psql(sq, [[insert into msgbus.waits (id, pid, orphaned_at) values
+      (gen_random_uuid(), 0, now() - interval '2 minutes'), (gen_random_uuid(), 0, now())]]))
+    assert.equal("1", psql(sq, "select msgbus.prune()"))
+    assert.equal("1", psql(sq, "select count(*) from msgbus.waits"))
+    assert(psql(sq, "delete from msgbus.waits"))
+    -- the application role can also take a wait back itself (wait_reply's timeout)
+    local w = assert(as_app("insert into msgbus.waits (id) values (gen_random_uuid()) returning id"))
+    assert.equal("1", as_app(("with d as (delete from msgbus.waits where id = '%s' returning 1) select count(*) from d")
+      :format(w)))
+    local out, err = as_app("select msgbus.forget_orphaned_waits('-1 second')")
+    assert.is_nil(out)
+    assert.matches("needs a grace of zero or more", err, 1, true)
+  end)
+
   it("gives the application role no more than the protocol", function()
     for _, sql in ipairs {
       "delete from msgbus.dead_letters",
@@ -161,6 +229,7 @@ describe("the SQL API", function()
       ("select msgbus.add_peer('x')"),
       ("select msgbus.resend('%s')"):format(lx.service),
       "select * from msgbus.seen",
+      "update msgbus.waits set since = now()",
       -- the trigger functions and the trigger itself cannot be changed or bypassed
       "create or replace function msgbus.on_arrival() returns trigger language plpgsql as $$ begin return new; end $$",
       "alter function msgbus.on_arrival() set search_path = public",
