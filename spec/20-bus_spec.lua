@@ -424,7 +424,8 @@ describe("msgbus between two servers", function()
     idx.script, idx.exec = script, exec
     assert(ok, n)
     assert.equal(0, n)
-    assert.is_true(calls <= 12, ("%d round trips in 2.5 s"):format(calls))
+    -- each look is a claim, its commit with next_due, and forget_orphaned_waits
+    assert.is_true(calls <= 15, ("%d round trips in 2.5 s"):format(calls))
     assert.equal(1, bus:timeout())
     bus:close()
     local r = assert(sbus:wait_reply(id, 20))
@@ -445,6 +446,100 @@ describe("msgbus between two servers", function()
     pbus:listen(function(m) assert(pbus:reply(m, "pong", {})) end, { max = 1, timeout = 20 })
     local r = assert(sbus:wait_reply(id, 20))
     assert.equal("pong", r.type)
+  end)
+
+  it("a reconnected bus keeps its waits; a listener forgets only the waits whose session is gone", function()
+    local waiter, leaver = env.connect(store), env.connect(store)
+    -- (the orphan's reply comes first: a reply held for a wait also holds back what
+    -- its sender sent after it)
+    local orphan = assert(leaver:send(payments.service, "ping", { n = 2 }, { await_reply = true }))
+    local kept = assert(waiter:send(payments.service, "ping", { n = 1 }, { await_reply = true }))
+    assert.equal(2, pbus:listen(function(m) assert(pbus:reply(m, "pong", { n = m.data.n })) end,
+      { max = 2, timeout = 20 }))
+    env.wait_until(function()
+      return env.scalar(store, "select count(*)::int8 from msgbus.inbox where reply in ($1::uuid, $2::uuid)",
+        kept, orphan) == 2
+    end, 20, "the replies")
+    -- the waiter's connection is killed; its bus reconnects and takes its waits over
+    local old_pid = waiter.conn:backend_pid()
+    assert.is_true(env.scalar(store, "select pg_terminate_backend($1, 10000)", old_pid))
+    env.wait_until(function() return waiter:exec("select 1") end, 20, "the bus to reconnect")
+    assert.are_not.equal(old_pid, waiter.conn:backend_pid())
+    assert.equal(waiter.conn:backend_pid(), env.scalar(store, "select pid from msgbus.waits where id = $1::uuid", kept))
+    -- the other bus goes away without calling wait_reply
+    local leaver_pid = leaver.conn:backend_pid()
+    leaver:close()
+    env.wait_until(function()
+      return env.scalar(store, "select count(*)::int8 from pg_stat_activity where pid = $1", leaver_pid) == 0
+    end, 20, "the closed bus's session to end")
+    -- a listener with no grace hands the orphan's reply over, and not the waiter's,
+    -- also when it looks again (it forgets at most once a second)
+    local lb = env.connect(store, { wait_grace = 0 })
+    local got = {}
+    local function handler(m) got[#got + 1] = m.reply end
+    assert.equal(1, lb:listen(handler, { max = 1, timeout = 20 }))
+    assert.same({ orphan }, got)
+    assert.equal(0, lb:listen(handler, { timeout = 1.5 }))
+    assert.same({ orphan }, got)
+    lb:close()
+    local r = assert(waiter:wait_reply(kept, 20))
+    assert.equal(kept, r.reply)
+    assert.equal(1, r.data.n)
+    assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.waits"))
+    waiter:close()
+  end)
+
+  it("a reply whose waiter died before wait_reply goes to a listener once the wait_grace has passed", function()
+    -- a process sends with await_reply and is killed before it calls wait_reply
+    local p = io.popen(("lua5.4 -e %s 2>&1"):format(("'%s'"):format(([[
+      package.path, package.cpath = %q, %q
+      local msgbus = require "msgbus"
+      local bus = assert(msgbus.connect(%q))
+      local id = assert(bus:send(%q, "ping", { n = 3 }, { await_reply = true }))
+      assert(bus:wait_ack(id, 20))
+      io.write(id, " ", bus.conn:backend_pid(), "\n")
+      io.stdout:flush()
+      os.execute("kill -9 " .. require("msgbus.cluster").self_pid())]]):format(package.path, package.cpath,
+        store.conninfo, payments.service):gsub("'", "'\\''"))))
+    local out = p:read("a")
+    p:close()
+    local id, pid = out:match("^(%x[%x-]+) (%d+)\n")
+    assert(id, out)
+    assert.equal(1, pbus:listen(function(m) assert(pbus:reply(m, "pong", { n = m.data.n })) end,
+      { max = 1, timeout = 20 }))
+    -- the same sender's next message waits behind the reply (per-sender order)
+    assert.is_true(pbus:wait_ack(assert(pbus:send(store.service, "after", {})), 20))
+    assert.equal(2, inbox_count(store))
+    env.wait_until(function()
+      return env.scalar(store, "select count(*)::int8 from pg_stat_activity where pid = $1", tonumber(pid)) == 0
+    end, 20, "the dead process's session to end")
+    -- within the grace (60 s by default) a listener leaves the reply alone, and notes
+    -- that its waiter is gone
+    local got = {}
+    local function handler(m) got[#got + 1] = m end
+    local lb = env.connect(store)
+    assert.equal(0, lb:listen(handler, { timeout = 1.5 }))
+    lb:close()
+    assert.same({}, got)
+    assert.equal(1, env.scalar(store,
+      "select count(*)::int8 from msgbus.waits where id = $1::uuid and orphaned_at is not null", id))
+    -- past it, the reply goes to the handler like any message, and then what followed
+    lb = env.connect(store, { wait_grace = 0.5 })
+    assert.equal(2, lb:listen(handler, { max = 2, timeout = 20 }))
+    lb:close()
+    assert.equal(id, got[1].reply)
+    assert.equal("pong", got[1].type)
+    assert.equal(3, got[1].data.n)
+    assert.equal("after", got[2].type)
+    assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.waits"))
+    assert.equal(0, inbox_count(store))
+  end)
+
+  it("refuses a wait_grace that is not a finite number of seconds >= 0", function()
+    for _, bad in ipairs { -1, "5", 0 / 0, math.huge } do
+      assert.has_error(function() msgbus.connect(store.conninfo, { wait_grace = bad }) end,
+        "msgbus: bad argument #2 to 'connect' (opts.wait_grace must be a finite number of seconds >= 0)")
+    end
   end)
 
   it("listen returns when the handler closes the bus, committing that message", function()
@@ -706,5 +801,64 @@ describe("msgbus.setup.install", function()
     assert.is_nil(ok)
     assert.equal("MB003", code)
     assert.matches(db, err)
+  end)
+
+  it("upgrades an install of version 8: its waits become holderless, the app role gets the new grants", function()
+    local c = env.cluster("a")
+    local db = "upg" .. core.random_hex(3)
+    assert(c:createdb(db))
+    local info = c:conninfo(db)
+    local svc = { conninfo = info }
+    -- version 8 as setup.install left it: migrations 001 to 008 in the ledger
+    local conn = assert(core.connect(info))
+    assert(conn:script([[create schema msgbus;
+      create table msgbus.migrations (version integer primary key, name text not null,
+                                      applied_at timestamptz not null default now())]]))
+    local names = {}
+    for name in io.popen("ls sql"):lines() do
+      local v, base = name:match("^(%d+)_([%w_]+)%.sql$")
+      if v and tonumber(v) <= 8 then names[tonumber(v)] = v .. "_" .. base end
+    end
+    assert.equal(8, #names)
+    for v, name in ipairs(names) do
+      assert(conn:script(assert(io.open("sql/" .. name .. ".sql")):read("a")))
+      assert(conn:exec("insert into msgbus.migrations (version, name) values ($1, $2)", v, name))
+    end
+    assert(conn:exec("select msgbus.configure($1)", db))
+    local old = assert(conn:exec("insert into msgbus.waits (id) values (gen_random_uuid()) returning id::text"))[1].id
+    local role = ("msgbus_%s_app"):format(db)
+    assert.is_false(assert(conn:exec("select has_column_privilege($1, 'msgbus.waits', 'id', 'select') as p", role))[1].p)
+    conn:close()
+    -- this version's bus does not work on it, and says what to do
+    local bus, err, code = msgbus.connect(info)
+    assert.is_nil(bus)
+    assert.equal("42703", code)
+    assert.matches("older than this msgbus (run msgbus.setup.install", err, 1, true)
+
+    assert(msgbus.setup.install(info, db))
+    assert.equal(9, env.scalar(svc, "select max(version) from msgbus.migrations"))
+    -- the wait from before has no holder (nor one made up from the migrating session)
+    assert.same({ { id = old } }, env.exec(svc, "select id::text from msgbus.waits where pid is null"))
+    assert.equal(0, env.scalar(svc, "select msgbus.forget_orphaned_waits('0')"))
+    -- the existing app role may adopt, forget and read what it needs, not more
+    for _, check in ipairs {
+      { "has_function_privilege($1, 'msgbus.forget_orphaned_waits(interval)', 'execute')", true },
+      { "has_column_privilege($1, 'msgbus.waits', 'pid', 'update')", true },
+      { "has_column_privilege($1, 'msgbus.waits', 'orphaned_at', 'update')", true },
+      { "has_column_privilege($1, 'msgbus.waits', 'id', 'select')", true },
+      { "has_column_privilege($1, 'msgbus.waits', 'since', 'update')", false },
+      { "has_function_privilege($1, 'msgbus.claim_batch(integer)', 'execute')", true },
+    } do
+      assert.equal(check[2], env.scalar(svc, "select " .. check[1], role), check[1])
+    end
+    -- new waits are held by the session that registers them
+    bus = env.connect(svc)
+    local rows = assert(bus:exec("insert into msgbus.waits (id) values (gen_random_uuid()) returning pid"))
+    assert.equal(bus.conn:backend_pid(), rows[1].pid)
+    bus:close()
+    -- a holderless wait is forgotten after the dedup retention
+    env.exec(svc, "update msgbus.waits set since = now() - interval '8 days' where id = $1::uuid", old)
+    assert.equal(1, env.scalar(svc, "select msgbus.forget_orphaned_waits()"))
+    assert.equal(0, env.scalar(svc, "select count(*)::int8 from msgbus.waits where pid is null"))
   end)
 end)

@@ -44,7 +44,10 @@ local SQL = {
   acked = "select msgbus.acked($1::uuid) as acked",
   fail = "select msgbus.fail($1::uuid, $2, $3::integer) as dead",
   take_reply = "select * from msgbus.take_reply($1::uuid)",
-  wait_add = "insert into msgbus.waits (id) values ($1::uuid) on conflict do nothing",
+  -- a wait belongs to the session that holds it (msgbus.forget_orphaned_waits): this
+  -- one takes over a wait registered by send's await_reply on another connection
+  wait_add = [[insert into msgbus.waits (id) values ($1::uuid)
+               on conflict (id) do update set pid = pg_backend_pid(), orphaned_at = null]],
   wait_del = "delete from msgbus.waits where id = $1::uuid",
   next_due = "select msgbus.next_due() as due",
 }
@@ -172,10 +175,29 @@ local function bus_open(self)
   for name, sql in pairs(SQL) do
     local ok
     ok, err, code = conn:prepare(name, sql)
-    if not ok then conn:close(); return nil, err, code end
+    if not ok then
+      conn:close()
+      if code == "42703" or code == "42883" then
+        return fail("the msgbus schema of this database is older than this msgbus "
+          .. "(run msgbus.setup.install, or msgbus install, on it again to upgrade it)", code)
+      end
+      return nil, err, code
+    end
   end
   self.conn = conn
+  self.pid = conn:backend_pid()
   return true
+end
+
+-- The waits (send's await_reply, wait_reply) that the bus's previous session held are
+-- this session's now: without this, a listener would take the session for gone and
+-- forget them, and hand their replies to its handler. Returns false when the
+-- connection was lost (again) meanwhile; any other failure (a schema from before
+-- migration 009, a role without the grant) leaves the waits as they were, to be
+-- forgotten after the listeners' grace, as if this process had died.
+local function adopt_waits(conn, old_pid)
+  conn:exec("update msgbus.waits set pid = pg_backend_pid(), orphaned_at = null where pid = $1", old_pid)
+  return conn:ok()
 end
 
 --- msgbus.connect(conninfo [, opts]) -> bus | nil, err, code
@@ -192,6 +214,10 @@ function M.connect(conninfo, opts)
   if math.type(max_attempts) ~= "integer" or max_attempts < 1 then
     error("msgbus: bad argument #2 to 'connect' (opts.max_attempts must be an integer >= 1)", 2)
   end
+  local wait_grace = opts.wait_grace or 60
+  if math.type(wait_grace) == nil or wait_grace ~= wait_grace or wait_grace < 0 or wait_grace == math.huge then
+    error("msgbus: bad argument #2 to 'connect' (opts.wait_grace must be a finite number of seconds >= 0)", 2)
+  end
   local parsed, perr = core.conninfo_parse(conninfo)
   if not parsed then return nil, perr, "conninfo" end
   local extra = {}
@@ -203,6 +229,7 @@ function M.connect(conninfo, opts)
     conn_extra = extra,
     service = opts.service,
     max_attempts = max_attempts,
+    wait_grace = wait_grace + 0.0,
     max_data_bytes = opts.max_data_bytes or 8 * 1024 * 1024,
     depth = 0,
     closed = false,
@@ -253,8 +280,14 @@ local function conn_of(self)
     return fail("the connection was lost inside a transaction; it was rolled back", "closed")
   end
   if conn then conn:close(); self.conn = nil end
+  local old_pid = self.pid
   local ok, err, code = bus_open(self)
   if not ok then return nil, err, code end
+  if old_pid and not adopt_waits(self.conn, old_pid) then
+    -- lost before it could adopt them: the next connection adopts them instead
+    self.pid = old_pid
+    return fail("the connection was lost right after reconnecting", "closed")
+  end
   return self.conn
 end
 
@@ -553,14 +586,17 @@ function Bus:wait_reply(id, timeout)
     error("msgbus: wait_reply cannot be called inside a transaction", 2)
   end
   local deadline = timeout and core.now() + timeout
-  local registered = false
+  -- the connection whose session holds the wait: register again on a new one, in
+  -- case a listener forgot the wait while this bus was away longer than its grace
+  local held
   while true do
     local rows, err, code
-    if not registered then
+    if not held or held ~= self.conn or not held:ok() then
+      held = nil
       rows, err, code = run(self, "wait_add", id)
-      registered = rows ~= nil
+      if rows then held = self.conn end
     end
-    if registered then
+    if held then
       rows, err, code = run(self, "take_reply", id)
       if rows and rows[1] then return to_message(rows[1]) end
     end
@@ -766,6 +802,24 @@ local function due_wait(due)
   return due
 end
 
+-- A reply that listen cannot take because a wait_reply call waits for it stays so
+-- while that wait is held: ask the database to forget the waits whose session has
+-- been gone for the bus's wait_grace (msgbus.forget_orphaned_waits), at most once per
+-- BLOCKED_RECHECK, never inside a transaction. Returns true when it forgot one: a
+-- reply may be available now. A failure (a schema from before migration 009) counts
+-- as nothing forgotten; a lost connection shows at listen's next step.
+local function forget_orphans(self)
+  local conn = self.conn
+  local now = core.now()
+  if not conn or (self.forget_at and now < self.forget_at) or not conn:ok() or conn:txstatus() ~= "idle" then
+    return false
+  end
+  self.forget_at = now + BLOCKED_RECHECK
+  local rows = conn:exec("select msgbus.forget_orphaned_waits(make_interval(secs => $1::float8)) as n",
+                         self.wait_grace)
+  return (rows and rows[1] and rows[1].n or 0) > 0
+end
+
 -- bus:timeout() -> seconds until a held-back message (retry, delay) comes due, or nil
 function Bus:timeout()
   bus_check(self)
@@ -822,6 +876,7 @@ run_vacuum = function(self)
   local conn = self.conn
   if conn and conn:ok() and conn:txstatus() == "idle" then
     conn:exec(("vacuum (skip_locked, parallel 0) msgbus.%s"):format(conn:escape_identifier("to_" .. self.service)))
+    forget_orphans(self)
   end
 end
 
@@ -894,21 +949,26 @@ function Bus:listen(handler, opts)
         self.consumed = 0
         run_vacuum(self)
       end
-      if idle_deadline and core.now() >= idle_deadline then return count end
-      -- messages held back for a retry come due without a notification
-      local wait_until = idle_deadline
-      if due == nil then
+      local expired = idle_deadline and core.now() >= idle_deadline
+      if due == nil and not expired then
         local rows = run(self, "next_due")
         due = rows and rows[1] and rows[1].due
       end
-      due = due_wait(due)
-      if due then
-        local at = core.now() + due
-        if not wait_until or at < wait_until then wait_until = at end
+      -- an available message it could not take may be a reply whose waiter is gone:
+      -- if a wait was forgotten, go round and claim again instead of waiting
+      if not (due and due <= 0 and forget_orphans(self)) then
+        if expired then return count end
+        -- messages held back for a retry come due without a notification
+        local wait_until = idle_deadline
+        due = due_wait(due)
+        if due then
+          local at = core.now() + due
+          if not wait_until or at < wait_until then wait_until = at end
+        end
+        local ok
+        ok, err, code = wait_event(self, wait_until)
+        if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
       end
-      local ok
-      ok, err, code = wait_event(self, wait_until)
-      if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
     else
       if code ~= "closed" and code ~= "connection" then return nil, err, code end
       local ok
