@@ -47,6 +47,7 @@ build = {
       ["msgbus.sql.007_apply_cost"] = "sql/007_apply_cost.sql",
       ["msgbus.sql.008_claim_batch"] = "sql/008_claim_batch.sql",
       ["msgbus.sql.009_wait_owner"] = "sql/009_wait_owner.sql",
+      ["msgbus.sql.010_claim_walk"] = "sql/010_claim_walk.sql",
     },
   },
 }

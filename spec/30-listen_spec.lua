@@ -74,6 +74,47 @@ describe("listen", function()
     end)
   end
 
+  it("claim_batch takes other senders' messages behind a sender whose older ones another consumer holds", function()
+    local x, y, hub = env.linked({ "kx", "ky", "khub" }, { "a", "b", "c" })
+    -- x's five arrive before y's three
+    for _, s in ipairs { { x, 5 }, { y, 3 } } do
+      local b = env.connect(s[1])
+      assert(b:transaction(function()
+        for i = 1, s[2] do assert(b:send(hub.service, "work", { i = i })) end
+      end))
+      b:close()
+      local want = s[1] == x and 5 or 8
+      env.wait_until(function()
+        return env.scalar(hub, "select count(*)::int8 from msgbus.inbox") == want
+      end, 60, "the messages to arrive")
+    end
+    local c1, c2, c3 = assert(core.connect(hub.conninfo)), assert(core.connect(hub.conninfo)),
+                       assert(core.connect(hub.conninfo))
+    local function claim(c, n)
+      local rows = assert(c:script(([[begin; select id::text as id, sender || (data->>'i') as m
+                                      from msgbus.claim_batch(%d)]]):format(n)))
+      local ms, ids = {}, {}
+      for k, r in ipairs(rows) do ms[k], ids[k] = r.m, r.id end
+      return ms, "{" .. table.concat(ids, ",") .. "}"
+    end
+    local m1, ids1 = claim(c1, 2)
+    assert.same({ x.service .. "1", x.service .. "2" }, m1)
+    -- the first walk of c2 finds only x's, which c1 holds or which come after those:
+    -- it walks again without x and takes y's
+    local m2, ids2 = claim(c2, 3)
+    assert.same({ y.service .. "1", y.service .. "2", y.service .. "3" }, m2)
+    -- a third consumer gets nothing: x's 3 to 5 are behind x's 1 and 2
+    assert.same({}, (claim(c3, 10)))
+    assert(c3:exec("rollback"))
+    assert(c1:script(("select msgbus.done_many('%s'); commit"):format(ids1)))
+    assert(c2:script(("select msgbus.done_many('%s'); commit"):format(ids2)))
+    local m3, ids3 = claim(c3, 10)
+    assert.same({ x.service .. "3", x.service .. "4", x.service .. "5" }, m3)
+    assert(c3:script(("select msgbus.done_many('%s'); commit"):format(ids3)))
+    assert.equal(0, env.scalar(hub, "select count(*)::int8 from msgbus.inbox"))
+    c1:close(); c2:close(); c3:close()
+  end)
+
   it("vacuums its inbox after a burst, not each time a trickle leaves it empty", function()
     local s, r = env.linked({ "vs", "vr" }, { "a", "b" })
     local sb, rb = env.connect(s), env.connect(r)
