@@ -1,6 +1,7 @@
 -- Several listening processes, and a large batch: per-message work stays an index
 -- lookup and nothing is left behind.
 local core = require "msgbus.core"
+local msgbus = require "msgbus"
 local env = require "helpers.env"
 
 -- Start a child Lua process running `code` with msgbus on its paths.
@@ -137,6 +138,31 @@ describe("listen", function()
     assert.is_true(sb:wait_ack(last, 60))
     assert.equal(100, rb:listen(function() end, { timeout = 0.2 }))
     assert.equal(v0 + 1, vacuums())
+    sb:close()
+    rb:close()
+  end)
+
+  it("vacuums less often when a vacuum takes long next to the messages it follows", function()
+    local s, r = env.linked({ "ws", "wr" }, { "a", "b" })
+    local sb = env.connect(s)
+    -- a listener whose vacuums sleep (cost-based delay): each takes tens of ms, while
+    -- a message of a batch takes well under one
+    local rb = assert(msgbus.connect(r.conninfo .. " options='-c vacuum_cost_delay=2 -c vacuum_cost_limit=10'"))
+    local function vacuums()
+      return env.scalar(r, [[select vacuum_count from pg_stat_user_tables
+                              where schemaname = 'msgbus' and relname = $1]], "to_" .. r.service)
+    end
+    local v0 = vacuums()
+    local list = {}
+    for i = 1, 2000 do list[i] = { i = i } end
+    assert(sb:transaction(function() assert(sb:send_many(r.service, "bulk", list)) end))
+    env.wait_until(function()
+      return env.scalar(r, "select count(*)::int8 from msgbus.inbox") == 2000
+    end, 60, "the messages to arrive")
+    -- every 500 would be 4 vacuums; after the first, the next is due only after many
+    -- more than 2,000 messages, and the last comes when the inbox runs empty
+    assert.equal(2000, rb:listen(function() end, { batch = 50, timeout = 0.2 }))
+    assert.equal(v0 + 2, vacuums())
     sb:close()
     rb:close()
   end)
