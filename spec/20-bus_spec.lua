@@ -814,9 +814,10 @@ describe("msgbus.setup.install", function()
     assert(conn:script([[create schema msgbus;
       create table msgbus.migrations (version integer primary key, name text not null,
                                       applied_at timestamptz not null default now())]]))
-    local names = {}
+    local names, latest = {}, 0
     for name in io.popen("ls sql"):lines() do
       local v, base = name:match("^(%d+)_([%w_]+)%.sql$")
+      if v then latest = math.max(latest, tonumber(v)) end
       if v and tonumber(v) <= 8 then names[tonumber(v)] = v .. "_" .. base end
     end
     assert.equal(8, #names)
@@ -836,7 +837,7 @@ describe("msgbus.setup.install", function()
     assert.matches("older than this msgbus (run msgbus.setup.install", err, 1, true)
 
     assert(msgbus.setup.install(info, db))
-    assert.equal(9, env.scalar(svc, "select max(version) from msgbus.migrations"))
+    assert.equal(latest, env.scalar(svc, "select max(version) from msgbus.migrations"))
     -- the wait from before has no holder (nor one made up from the migrating session)
     assert.same({ { id = old } }, env.exec(svc, "select id::text from msgbus.waits where pid is null"))
     assert.equal(0, env.scalar(svc, "select msgbus.forget_orphaned_waits('0')"))
