@@ -48,6 +48,7 @@ build = {
       ["msgbus.sql.008_claim_batch"] = "sql/008_claim_batch.sql",
       ["msgbus.sql.009_wait_owner"] = "sql/009_wait_owner.sql",
       ["msgbus.sql.010_claim_walk"] = "sql/010_claim_walk.sql",
+      ["msgbus.sql.011_ordered_ids"] = "sql/011_ordered_ids.sql",
     },
   },
 }

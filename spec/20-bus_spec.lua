@@ -65,6 +65,29 @@ describe("msgbus between two servers", function()
     assert.equal("[]", msgbus.encode(got.data.empty))
   end)
 
+  it("gives messages version 7 ids: the sender's milliseconds first, so they grow with time", function()
+    local prev = ""
+    local ids = {}
+    for i = 1, 20 do
+      ids[i] = assert(sbus:send(payments.service, "ordered", { i = i }))
+      -- version 7, variant 10xx
+      assert.matches("^%x%x%x%x%x%x%x%x%-%x%x%x%x%-7%x%x%x%-[89ab]%x%x%x%-%x+$", ids[i])
+      local ms = ids[i]:sub(1, 8) .. ids[i]:sub(10, 13)
+      assert.is_true(ms >= prev, ms .. " after " .. prev)
+      prev = ms
+    end
+    -- the prefix is the time of the insert, in milliseconds since 1970 (the last ack
+    -- means all have arrived: one apply worker brings them in order)
+    assert.is_true(sbus:wait_ack(ids[20], 20))
+    local rows = assert(pbus:exec([[select id::text, ('x' || lpad(left(replace(id::text, '-', ''), 12), 16, '0'))::bit(64)::bigint
+                                           - (extract(epoch from sent_at) * 1000)::bigint as skew
+                                      from msgbus.inbox where id = any ($1::uuid[])]],
+                                  "{" .. table.concat(ids, ",") .. "}"))
+    assert.equal(20, #rows)
+    for _, r in ipairs(rows) do assert.is_true(math.abs(r.skew) <= 1000, r.id .. " skew " .. r.skew) end
+    assert.equal(20, pbus:listen(function() end, { max = 20, timeout = 20 }))
+  end)
+
   it("wait_ack returns true when the ack came back before the call", function()
     local id = assert(sbus:send(payments.service, "early", {}))
     env.wait_until(function() return outbox_count(store, payments) == 0 end, 20, "the ack")
