@@ -63,6 +63,9 @@ describe("bad input", function()
       "service name expected" },
     { "exec without SQL", function() bus:exec(nil) end, "SQL string expected" },
     { "exec with a function parameter", function() bus:exec("select $1::text", print) end, "function" },
+    { "exec with a NUL byte in a parameter", function(p)
+      bus:exec("insert into msgbus.messages (receiver, type) values ($1, $2)", p, "t\0x")
+    end, "parameter %$2 contains a NUL byte" },
     { "transaction without a function", function() bus:transaction("begin") end, "function expected" },
     { "method called with a dot", function() msgbus.Bus.send({}, "x", "t", {}) end, "msgbus.Bus expected" },
     { "connect without conninfo", function() msgbus.connect(nil) end, "conninfo string expected" },

@@ -121,8 +121,15 @@ static const char *conn_param(lua_State *L, int idx, int num)
 		}
 		lua_replace(L, idx);
 		return lua_tostring(L, idx);
-	case LUA_TSTRING:
-		return lua_tostring(L, idx);
+	case LUA_TSTRING: {
+		/* libpq takes parameters as C strings: a NUL byte would cut the value short
+		 * without a word (and text cannot hold one) */
+		size_t len;
+		const char *s = lua_tolstring(L, idx, &len);
+		if (strlen(s) != len)
+			luaL_error(L, "msgbus: parameter $%d contains a NUL byte, which PostgreSQL text cannot hold", num);
+		return s;
+	}
 	case LUA_TTABLE:
 		lua_pushvalue(L, UV_ENCODE);
 		lua_pushvalue(L, idx);
@@ -432,7 +439,10 @@ static int conn_escape(lua_State *L, int identifier)
 	Conn *c = conn_check(L, 1);
 	size_t len;
 	const char *s = luaL_checklstring(L, 2, &len);
-	char *out = identifier ? PQescapeIdentifier(c->pg, s, len) : PQescapeLiteral(c->pg, s, len);
+	char *out;
+	/* libpq stops at a NUL byte: the quoted text would be shorter than asked for */
+	luaL_argcheck(L, strlen(s) == len, 2, "contains a NUL byte");
+	out = identifier ? PQescapeIdentifier(c->pg, s, len) : PQescapeLiteral(c->pg, s, len);
 	if (out == NULL)
 		return conn_fail_conn(L, c);
 	conn_pushfree(L, out);
