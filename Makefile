@@ -10,7 +10,6 @@ WARN       := -std=c99 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wstrict-pro
 SRC        := $(wildcard src/*.c)
 BUILD      ?= build
 SO         := $(BUILD)/msgbus/core.so
-BUSTED     := busted --lua=$(LUA)
 
 export LUA_PATH  := $(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;$(CURDIR)/spec/?.lua;;
 export LUA_CPATH := $(CURDIR)/$(BUILD)/?.so;;
