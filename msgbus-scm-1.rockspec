@@ -49,6 +49,7 @@ build = {
       ["msgbus.sql.009_wait_owner"] = "sql/009_wait_owner.sql",
       ["msgbus.sql.010_claim_walk"] = "sql/010_claim_walk.sql",
       ["msgbus.sql.011_ordered_ids"] = "sql/011_ordered_ids.sql",
+      ["msgbus.sql.012_batched_acks"] = "sql/012_batched_acks.sql",
     },
   },
 }

@@ -10,7 +10,7 @@ local INSTALL_LOCK = 0x6d736762 -- "msgb"
 
 local MIGRATIONS = { "001_schema", "002_repair", "003_claim", "004_passfile", "005_fast_arrival",
                      "006_fast_ack_check", "007_apply_cost", "008_claim_batch", "009_wait_owner",
-                     "010_claim_walk", "011_ordered_ids" }
+                     "010_claim_walk", "011_ordered_ids", "012_batched_acks" }
 
 local function fail(msg, code)
   return nil, "msgbus: " .. msg, code
@@ -350,6 +350,9 @@ function setup.link(a, b, opts)
         return nil, ("%s (subscribing %s to %s)"):format(e, dir.sub.service, dir.pub.service), c
       end
       step(log, "%s: subscription msgbus_%s_to_%s", dir.sub.service, dir.pub.service, dir.sub.service)
+      -- tell the peer that this side takes one ack row for many messages
+      ok, e, c = dir.pubconn:exec("select msgbus.hello($1)", dir.sub.service)
+      if not ok then return nil, e, c end
       if dir.p.new_slot then
         -- anything already waiting in the outbox predates the slot: send it again
         local rows
