@@ -192,6 +192,56 @@ describe("acks", function()
     env.exec(store, "delete from msgbus.early_acks")
   end)
 
+  it("settle an early ack with the next ack within a minute, and an older one with msgbus.prune", function()
+    -- store's messages stay in its outbox meanwhile; acks replayed by hand as the
+    -- apply worker runs them
+    local sub = ("msgbus_%s_to_%s"):format(store.service, payments.service)
+    env.exec(payments, "alter subscription " .. sub .. " disable")
+    local c = assert(core.connect(store.conninfo))
+    local function ack(id)
+      assert(c:exec("begin"))
+      assert(c:exec("set local session_replication_role = replica"))
+      assert(c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply) values ($1, $2, 'msgbus.ack', $3)")
+        :format(store.service), payments.service, store.service, id))
+      assert(c:exec("commit"))
+    end
+    local function in_outbox(id)
+      return env.scalar(store, "select count(*)::int8 from msgbus.messages where id = $1", id) == 1
+    end
+    -- two messages whose acks came early: one two minutes ago (a commit that waited
+    -- that long to become visible, say for a synchronous standby), one just now
+    local old, recent = env.scalar(store, "select gen_random_uuid()::text"), env.scalar(store, "select gen_random_uuid()::text")
+    env.exec(store, "insert into msgbus.early_acks (id, receiver, at) values ($1, $2, now() - interval '2 minutes')",
+      old, payments.service)
+    env.exec(store, "insert into msgbus.early_acks (id, receiver) values ($1, $2)", recent, payments.service)
+    for _, id in ipairs { old, recent } do
+      env.exec(store, "insert into msgbus.messages (id, receiver, type, data) values ($1, $2, 'early', '{}')",
+        id, payments.service)
+      assert.is_true(sbus:wait_ack(id, 0))
+    end
+    -- the next ack settles the recent one only: an arriving ack does not look through
+    -- every early ack ever kept
+    local other = assert(sbus:send(payments.service, "other", {}))
+    ack(other)
+    assert.is_false(in_outbox(other))
+    assert.is_false(in_outbox(recent))
+    assert.is_true(in_outbox(old))
+    assert.is_true(sbus:wait_ack(old, 0))
+    assert.same({ { id = old } }, env.exec(store, "select id::text from msgbus.early_acks"))
+    -- prune settles the rest
+    env.exec(store, "select msgbus.prune()")
+    assert.is_false(in_outbox(old))
+    assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.early_acks"))
+    c:close()
+    env.exec(payments, "alter subscription " .. sub .. " enable")
+    -- the slot still holds all three, which arrive now; their acks find nothing
+    assert.equal(3, pbus:listen(function() end, { max = 3, timeout = 20 }))
+    env.wait_until(function()
+      return env.scalar(store, "select count(*)::int8 from msgbus.early_acks") == 3
+    end, 30, "the three acks")
+    env.exec(store, "delete from msgbus.early_acks")
+  end)
+
   it("let install run again on a live service without a lock that arriving messages wait for", function()
     -- the apply worker holds the inbox while it writes a message and its ack; an
     -- upgrade's hello (or any message) can arrive while install runs
@@ -216,7 +266,9 @@ describe("acks", function()
     assert(conn:exec("begin"))
     assert(conn:script(trigger .. [[
       drop table msgbus.ack_flush;
-      drop function msgbus.on_ack_flush(), msgbus.send_acks(text, text, text), msgbus.hello(text);
+      drop function msgbus.on_ack_flush(), msgbus.send_acks(text, text, text), msgbus.hello(text),
+                    msgbus.settle_recent_early_acks();
+      drop index msgbus.early_acks_at;
       alter table msgbus.peers drop column batched_acks;
       delete from msgbus.migrations where version = 12]]))
     assert(conn:exec("commit"))
