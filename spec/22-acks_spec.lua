@@ -192,6 +192,25 @@ describe("acks", function()
     env.exec(store, "delete from msgbus.early_acks")
   end)
 
+  it("name the message of the first ack of each transaction on the ack channel", function()
+    local c = assert(core.connect(store.conninfo))
+    assert(c:exec(('listen "msgbus_%s_ack"'):format(store.service)))
+    local one = assert(sbus:send(payments.service, "one", {}))
+    wait_acks(sbus, { one })
+    local ids = send_batch(sbus, payments, 150)
+    wait_acks(sbus, ids)
+    -- one transaction of acks for `one`; one for the batch: its first message's ack,
+    -- then two msgbus.acks rows, whose notifications fold into one, unnamed
+    local payloads = {}
+    env.wait_until(function()
+      for _, n in ipairs(assert(c:notifications())) do payloads[#payloads + 1] = n.payload end
+      return #payloads >= 3
+    end, 10, "three notifications")
+    c:close()
+    assert.same({ one, ids[1], "" }, payloads)
+    assert.equal(151, pbus:listen(function() end, { max = 151, timeout = 20, batch = 50 }))
+  end)
+
   it("settle an early ack with the next ack within a minute, and an older one with msgbus.prune", function()
     -- store's messages stay in its outbox meanwhile; acks replayed by hand as the
     -- apply worker runs them

@@ -153,6 +153,16 @@ begin
     perform msgbus.app_role(name);
 end $$;
 
+-- The inbox trigger once more: msgbus.acks and the hello (above), and the ack
+-- channel names a message. wait_ack, woken by a notification on
+-- msgbus_<service>_ack, asked the database whether its message was acknowledged
+-- (msgbus.acked): one more round trip on the latency path, after the ack was known
+-- already. The notification of the first ack in each transaction of acks now carries
+-- its message's id as the payload; later ones stay unnamed and fold into one, so a
+-- transaction of many acks from an older peer brings one notification more, not one
+-- each. A waiter that sees its id returns at once: a notification is delivered only
+-- once the transaction that removed the message from the outbox has committed.
+
 create or replace function msgbus.on_arrival() returns trigger
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -239,7 +249,14 @@ begin
         if acked is null or acked = '' then
             perform set_config('synchronous_commit', 'off', true);
         end if;
-        perform pg_notify('msgbus_' || me || '_ack', '');
+        -- The first ack of a transaction names its message: a wait_ack for it returns
+        -- on the notification, without asking. The others fold into one, unnamed.
+        if new.type = 'msgbus.ack' and current_setting('msgbus.ack_named', true) is distinct from 'on' then
+            perform set_config('msgbus.ack_named', 'on', true);
+            perform pg_notify('msgbus_' || me || '_ack', new.reply::text);
+        else
+            perform pg_notify('msgbus_' || me || '_ack', '');
+        end if;
         return null;
     end if;
 

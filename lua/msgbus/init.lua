@@ -512,7 +512,8 @@ function Bus:reply(msg, mtype, data)
 end
 
 -- Wait for something on this bus's channels until the deadline; reconnects (and so
--- re-listens) if the connection is lost. Returns true, or nil, err, code.
+-- re-listens) if the connection is lost. Returns true and the notifications that
+-- came (nil after a reconnect), or nil, err, code.
 local RECHECK = 5 -- seconds: re-read state this often even without a notification
 
 local function wait_event(self, deadline, recheck)
@@ -521,7 +522,7 @@ local function wait_event(self, deadline, recheck)
   local conn, err, code = reconnect(self, deadline)
   if not conn then return nil, err, code end
   -- a new connection may have missed notifications: the caller re-reads state now
-  if conn ~= before then return true end
+  if conn ~= before then return true, nil end
   local left = deadline and math.max(0, deadline - core.now())
   if recheck and (not left or left > recheck) then left = recheck end
   local got
@@ -529,8 +530,20 @@ local function wait_event(self, deadline, recheck)
   if not got then
     -- lost: reconnect (which listens again); the caller then re-reads state
     if not reconnect(self, deadline) then return nil, err, code end
+    return true, nil
   end
-  return true
+  return true, got
+end
+
+-- Whether `notes` has the notification on `channel` that names `id`: the inbox
+-- trigger names the message of the first ack of each transaction of acks (012).
+local function named(notes, channel, id)
+  if notes then
+    for _, n in ipairs(notes) do
+      if n.payload == id and n.channel == channel then return true end
+    end
+  end
+  return false
 end
 
 local function timed_out(what)
@@ -564,9 +577,13 @@ function Bus:wait_ack(id, timeout)
       end
     end
     ask = true
-    local ok
-    ok, err, code = wait_event(self, deadline, RECHECK)
-    if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
+    local ok, notes
+    ok, notes, code = wait_event(self, deadline, RECHECK)
+    if ok then
+      if named(notes, self.channels.ack, id) then return true end
+    elseif code ~= "closed" and code ~= "connection" then
+      return nil, notes, code
+    end
   end
 end
 
