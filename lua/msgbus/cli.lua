@@ -287,6 +287,7 @@ end
 
 local STATUS_PEERS = [[
 select p.service as peer,
+       p.batched_acks,
        format('msgbus_%s_to_%s', p.service, me.service) as sub_name,
        format('msgbus_%s_to_%s', me.service, p.service) as slot_name,
        extract(epoch from now() - p.linked_at)::float8 as linked_age,
@@ -354,6 +355,9 @@ local function collect_status(bus, max_ack_age)
     local out = outboxes[r.peer] or { depth = 0 }
     local p = {
       peer = r.peer,
+      -- whether this service acknowledges the peer's transactions of many messages
+      -- with one ack row per 100 (the peer said hello: version 12 or later)
+      acks = r.batched_acks and "batched" or "single",
       subscription = {
         name = r.sub_name, exists = r.sub_exists, enabled = r.sub_enabled or false,
         worker_running = r.worker_pid ~= nil, worker_pid = null_if_nil(r.worker_pid),
@@ -420,11 +424,12 @@ local function print_status(s)
         opt(slot.lag_bytes, bytes),
         out.depth,
         opt(out.oldest_age, age),
+        p.acks,
       }
     end
     say("")
     for _, line in ipairs(table_lines({ "PEER", "SUBSCRIPTION", "WORKER", "LAST RECEIPT", "ERRORS", "SLOT", "WAL",
-      "RETAINED", "LAG", "OUTBOX", "OLDEST" }, rows)) do say(line) end
+      "RETAINED", "LAG", "OUTBOX", "OLDEST", "ACKS" }, rows)) do say(line) end
     say("")
   end
   if s.healthy then
