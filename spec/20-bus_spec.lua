@@ -3,9 +3,7 @@ local msgbus = require "msgbus"
 local core = require "msgbus.core"
 local env = require "helpers.env"
 
-local function outbox_count(svc, peer)
-  return env.scalar(svc, "select count(*)::int8 from msgbus.messages where receiver = $1", peer.service)
-end
+local outbox_count = env.outbox_count
 
 local function inbox_count(svc)
   return env.scalar(svc, "select count(*)::int8 from msgbus.inbox")

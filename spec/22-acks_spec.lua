@@ -6,9 +6,7 @@ local env = require "helpers.env"
 
 local NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
-local function outbox_count(svc, peer)
-  return env.scalar(svc, "select count(*)::int8 from msgbus.messages where receiver = $1", peer.service)
-end
+local outbox_count = env.outbox_count
 
 local function batched(svc, peer)
   return env.scalar(svc, "select batched_acks from msgbus.peers where service = $1", peer.service)

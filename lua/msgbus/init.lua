@@ -941,6 +941,7 @@ function Bus:listen(handler, opts)
   local count = 0
   local single = 0 -- messages to hand out one transaction each after a failed batch commit
   self.vacuumed_at = self.vacuumed_at or core.now()
+  self.vacuum_every = self.vacuum_every or VACUUM_EVERY
   local idle_deadline = timeout and core.now() + timeout
   while not self.closed do
     -- what ended the step: "handled", "failed", "empty", or nil with err, code; and
@@ -962,7 +963,7 @@ function Bus:listen(handler, opts)
     else
       -- a run ends where listen must look up: max, the next vacuum, the end of the
       -- messages to hand out alone
-      local limit = math.max((self.vacuum_every or VACUUM_EVERY) - (self.consumed or 0), 1)
+      local limit = math.max(self.vacuum_every - (self.consumed or 0), 1)
       if max then limit = math.min(limit, max - count) end
       if single > 0 then limit = math.min(limit, single) end
       what, n, err, code, due = listen_once(self, handler, limit)
@@ -971,7 +972,7 @@ function Bus:listen(handler, opts)
     if n > 0 then
       count = count + n
       self.consumed = (self.consumed or 0) + n
-      if self.consumed >= (self.vacuum_every or VACUUM_EVERY) then
+      if self.consumed >= self.vacuum_every then
         run_vacuum(self)
       end
       if max and count >= max then return count end

@@ -87,6 +87,11 @@ function env.scalar(svc, sql, ...)
   return v
 end
 
+-- How many messages (acks included) `svc` holds for `peer`: its outbox to that peer.
+function env.outbox_count(svc, peer)
+  return env.scalar(svc, "select count(*)::int8 from msgbus.messages where receiver = $1", peer.service)
+end
+
 -- A new service with its own database on the cluster object `c` (env.service takes
 -- a cluster's name), msgbus installed.
 -- `peer`, if given, says how the other side's server reaches it (setup.link's
