@@ -50,6 +50,7 @@ build = {
       ["msgbus.sql.010_claim_walk"] = "sql/010_claim_walk.sql",
       ["msgbus.sql.011_ordered_ids"] = "sql/011_ordered_ids.sql",
       ["msgbus.sql.012_batched_acks"] = "sql/012_batched_acks.sql",
+      ["msgbus.sql.013_batch_arrival"] = "sql/013_batch_arrival.sql",
     },
   },
 }

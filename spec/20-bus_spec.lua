@@ -626,12 +626,17 @@ describe("msgbus between two servers", function()
     -- an ack that names no message: taking it would raise in the receiver's trigger
     assert(c:exec(("insert into msgbus.%s (sender, receiver, type) values ($1, $2, 'msgbus.ack')")
       :format(outbox), store.service, payments.service))
+    -- a type in msgbus's own namespace, and one that only begins with its letters
+    assert(c:exec(("insert into msgbus.%s (sender, receiver, type) values ($1, $2, 'msgbus.fake'), ($1, $2, 'msgbusy')")
+      :format(outbox), store.service, payments.service))
     c:close()
     local id = assert(sbus:send(payments.service, "after_bad", {}))
     assert.is_true(sbus:wait_ack(id, 20))
-    local got
-    pbus:listen(function(m) got = m.type end, { max = 1, timeout = 20 })
-    assert.equal("after_bad", got)
+    local got = {}
+    pbus:listen(function(m) got[#got + 1] = m.type end, { max = 2, timeout = 20 })
+    assert.same({ "msgbusy", "after_bad" }, got)
+    assert.equal("invalid type",
+      env.scalar(payments, "select reason from msgbus.dead_letters where type = 'msgbus.fake'"))
     assert.equal("data is not a JSON object",
       env.scalar(payments, "select reason from msgbus.dead_letters where type = 'bad'"))
     assert.equal("data nested deeper than 1000 levels",
