@@ -627,8 +627,8 @@ describe("msgbus between two servers", function()
     assert(c:exec(("insert into msgbus.%s (sender, receiver, type) values ($1, $2, 'msgbus.ack')")
       :format(outbox), store.service, payments.service))
     -- a type in msgbus's own namespace, and one that only begins with its letters
-    assert(c:exec(("insert into msgbus.%s (sender, receiver, type) values ($1, $2, 'msgbus.fake'), ($1, $2, 'msgbusy')")
-      :format(outbox), store.service, payments.service))
+    assert(c:exec(("insert into msgbus.%s (sender, receiver, type)"
+      .. " values ($1, $2, 'msgbus.fake'), ($1, $2, 'msgbusy')"):format(outbox), store.service, payments.service))
     c:close()
     local id = assert(sbus:send(payments.service, "after_bad", {}))
     assert.is_true(sbus:wait_ack(id, 20))

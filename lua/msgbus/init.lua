@@ -30,9 +30,9 @@ local SQL = {
   send = [[insert into msgbus.messages (receiver, type, data, reply, not_before, expires_at)
            values ($1, $2, $3::jsonb, $4::uuid, now() + make_interval(secs => $5::float8),
                    now() + make_interval(secs => $6::float8)) returning id]],
-  -- send with opts.await_reply: the wait is registered in the same statement. Its own
-  -- statement, since the common send without it costs 8 µs less of server time
-  -- without the waits clause.
+  -- send with opts.await_reply: the wait is registered in the same statement. A
+  -- statement of its own: without the waits clause, the common send costs the server
+  -- about 8 µs less.
   send_await = [[with m as (
                    insert into msgbus.messages (receiver, type, data, reply, not_before, expires_at)
                    values ($1, $2, $3::jsonb, $4::uuid, now() + make_interval(secs => $5::float8),
