@@ -12,6 +12,10 @@ local function batched(svc, peer)
   return env.scalar(svc, "select batched_acks from msgbus.peers where service = $1", peer.service)
 end
 
+local function set_batched(svc, peer, on)
+  env.exec(svc, "update msgbus.peers set batched_acks = $2 where service = $1", peer.service, on)
+end
+
 -- Record the acks that arrive at `svc`: a trigger on its inbox that runs before
 -- msgbus's own ("a_spy" sorts before "arrival"). Returns a function that gives the
 -- rows so far by kind (hello, msgbus.ack, msgbus.acks), with how many messages they
@@ -103,19 +107,19 @@ describe("acks", function()
   end)
 
   it("go one row a message to a peer that has not said it takes msgbus.acks", function()
-    env.exec(payments, "update msgbus.peers set batched_acks = false where service = $1", store.service)
+    set_batched(payments, store, false)
     local seen, _, stop = spy_acks(store)
     local ids = send_batch(sbus, payments, 5)
     wait_acks(sbus, ids)
     stop()
-    env.exec(payments, "update msgbus.peers set batched_acks = true where service = $1", store.service)
+    set_batched(payments, store, true)
     assert.same({ { kind = "msgbus.ack", rows = 5, messages = 5 } }, seen())
     assert.equal(5, pbus:listen(function() end, { max = 5, timeout = 20 }))
   end)
 
   it("are switched on by a hello, which a peer answers once", function()
-    env.exec(store, "update msgbus.peers set batched_acks = false where service = $1", payments.service)
-    env.exec(payments, "update msgbus.peers set batched_acks = false where service = $1", store.service)
+    set_batched(store, payments, false)
+    set_batched(payments, store, false)
     local seen, _, stop = spy_acks(store)
     env.exec(store, "select msgbus.hello($1)", payments.service)
     -- payments learns it from store's hello, store from payments' answer
@@ -140,14 +144,8 @@ describe("acks", function()
     local a = assert(sbus:send(payments.service, "held", { n = 1 }))
     local b = assert(sbus:send(payments.service, "held", { n = 2 }))
     local unseen = env.scalar(store, "select gen_random_uuid()::text")
-    local c = assert(core.connect(store.conninfo))
     local function arrive(mtype, reply, data)
-      assert(c:exec("begin"))
-      assert(c:exec("set local session_replication_role = replica"))
-      local ok, err = c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply, data) values ($1, $2, $3, %s, $4::jsonb)")
-        :format(store.service, reply and ("'" .. reply .. "'") or "null"), payments.service, store.service, mtype, data)
-      assert(c:exec(ok and "commit" or "rollback"))
-      assert(ok, err)
+      assert(env.arrive(store, payments, mtype, reply, data))
     end
     for _, bad in ipairs {
       { "msgbus.acks", nil, '{}' },
@@ -163,7 +161,7 @@ describe("acks", function()
     end
     assert.equal(2, outbox_count(store, payments))
     assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.early_acks"))
-    env.exec(store, "update msgbus.peers set batched_acks = false where service = $1", payments.service)
+    set_batched(store, payments, false)
     arrive("msgbus.ack", NIL_UUID, '{"msgbus": 11}')
     assert.is_false(batched(store, payments))
     -- a hello from version 12 (or later) switches them on
@@ -179,7 +177,6 @@ describe("acks", function()
     env.exec(store, "insert into msgbus.messages (id, receiver, type, data) values ($1, $2, 'late', '{}')",
       unseen, payments.service)
     assert.is_true(sbus:wait_ack(unseen, 0))
-    c:close()
     env.exec(payments, "alter subscription " .. sub .. " enable")
     -- b (and a and late, which the slot still holds) arrive, and b's ack comes back
     assert.is_true(sbus:wait_ack(b, 30))
@@ -214,14 +211,6 @@ describe("acks", function()
     -- apply worker runs them
     local sub = ("msgbus_%s_to_%s"):format(store.service, payments.service)
     env.exec(payments, "alter subscription " .. sub .. " disable")
-    local c = assert(core.connect(store.conninfo))
-    local function ack(id)
-      assert(c:exec("begin"))
-      assert(c:exec("set local session_replication_role = replica"))
-      assert(c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply) values ($1, $2, 'msgbus.ack', $3)")
-        :format(store.service), payments.service, store.service, id))
-      assert(c:exec("commit"))
-    end
     local function in_outbox(id)
       return env.scalar(store, "select count(*)::int8 from msgbus.messages where id = $1", id) == 1
     end
@@ -239,7 +228,7 @@ describe("acks", function()
     -- the next ack settles the recent one only: an arriving ack does not look through
     -- every early ack ever kept
     local other = assert(sbus:send(payments.service, "other", {}))
-    ack(other)
+    assert(env.arrive(store, payments, "msgbus.ack", other))
     assert.is_false(in_outbox(other))
     assert.is_false(in_outbox(recent))
     assert.is_true(in_outbox(old))
@@ -249,7 +238,6 @@ describe("acks", function()
     env.exec(store, "select msgbus.prune()")
     assert.is_false(in_outbox(old))
     assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.early_acks"))
-    c:close()
     env.exec(payments, "alter subscription " .. sub .. " enable")
     -- the slot still holds all three, which arrive now; their acks find nothing
     assert.equal(3, pbus:listen(function() end, { max = 3, timeout = 20 }))
@@ -290,7 +278,7 @@ describe("acks", function()
       delete from msgbus.migrations where version >= 12]]))
     assert(conn:exec("commit"))
     conn:close()
-    env.exec(new, "update msgbus.peers set batched_acks = false where service = $1", old.service)
+    set_batched(new, old, false)
     local nbus, obus = env.connect(new), env.connect(old)
 
     -- both ways, a transaction of many is acknowledged message by message

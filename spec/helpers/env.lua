@@ -92,6 +92,22 @@ function env.outbox_count(svc, peer)
   return env.scalar(svc, "select count(*)::int8 from msgbus.messages where receiver = $1", peer.service)
 end
 
+-- One row arriving in `svc`'s inbox from `from`, written as the apply worker writes
+-- it (session_replication_role = replica), in a transaction of its own: type `mtype`,
+-- `reply` a UUID or nil, `data` JSON text or nil (the column's default, {}). Returns
+-- true, or nil and the error (rolled back).
+function env.arrive(svc, from, mtype, reply, data)
+  local c = assert(core.connect(svc.conninfo))
+  assert(c:exec("begin"))
+  assert(c:exec("set local session_replication_role = replica"))
+  local ok, err = c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply, data)"
+    .. " values ($1, $2, $3, $4::uuid, coalesce($5::jsonb, '{}'))"):format(svc.service),
+    from.service, svc.service, mtype, reply, data)
+  assert(c:exec(ok and "commit" or "rollback"))
+  c:close()
+  return ok, err
+end
+
 -- A new service with its own database on the cluster object `c` (env.service takes
 -- a cluster's name), msgbus installed.
 -- `peer`, if given, says how the other side's server reaches it (setup.link's
