@@ -26,19 +26,17 @@ local CONN_DEFAULTS = {
   tcp_user_timeout = "15000",
 }
 
+-- One message: receiver, type, data, reply, delay and ttl (seconds, or null).
+local SEND = [[insert into msgbus.messages (receiver, type, data, reply, not_before, expires_at)
+               values ($1, $2, $3::jsonb, $4::uuid, now() + make_interval(secs => $5::float8),
+                       now() + make_interval(secs => $6::float8)) returning id]]
+
 local SQL = {
-  send = [[insert into msgbus.messages (receiver, type, data, reply, not_before, expires_at)
-           values ($1, $2, $3::jsonb, $4::uuid, now() + make_interval(secs => $5::float8),
-                   now() + make_interval(secs => $6::float8)) returning id]],
+  send = SEND,
   -- send with opts.await_reply: the wait is registered in the same statement. A
   -- statement of its own: without the waits clause, the common send costs the server
   -- about 8 µs less.
-  send_await = [[with m as (
-                   insert into msgbus.messages (receiver, type, data, reply, not_before, expires_at)
-                   values ($1, $2, $3::jsonb, $4::uuid, now() + make_interval(secs => $5::float8),
-                           now() + make_interval(secs => $6::float8)) returning id),
-                 w as (insert into msgbus.waits (id) select id from m)
-                 select id from m]],
+  send_await = "with m as (" .. SEND .. "), w as (insert into msgbus.waits (id) select id from m) select id from m",
   -- send_many: one statement for a list of messages, in list order ($3 is a JSON
   -- array of data objects; sent_at, stamped per row, keeps that order)
   send_many = [[insert into msgbus.messages (receiver, type, data, not_before, expires_at)
