@@ -9,6 +9,16 @@
  *   raw_ack   <--- publication ack_pub ---     raw_ack
  *   (ALWAYS trigger: pg_notify)
  *
+ * and a third pair of tables for the same work with msgbus's guarantees, in plain SQL
+ * ("exact"): a message is taken once however often it arrives, and its ack removes it
+ * from the sender's table, so that what is left there is what has not arrived:
+ *
+ *   ex_out    --- publication raw_pub --->     ex_out (+ pos; ALWAYS trigger: ex_seen
+ *                                              dedup, an ack row, pg_notify)
+ *   ex_ack    <--- publication ack_pub ---     ex_ack (inserted and deleted at once: only
+ *   (ALWAYS trigger: delete the ex_out row,    the insert travels)
+ *    pg_notify; the ack is not kept)
+ *
  * Every subcommand prints one line of numbers (seconds, counts) on stdout, which
  * bench/run.lua parses; errors go to stderr with exit status 1. Latencies are taken
  * with CLOCK_MONOTONIC, as msgbus's core.now() does, so run.lua can compare them.
@@ -18,7 +28,8 @@
  *                                            "n s1 .. sn" (seconds each)
  *   raw listen N RECV                        consume N as they come: "n s1 .. sn" (send ->
  *                                            row in hand); prints "ready PID" first
- *   raw inserts N SEND                       N single-row transactions: elapsed rate
+ *   raw inserts N SEND [exact]               N single-row transactions: elapsed rate
+ *                                            (exact: into ex_out)
  *   raw batch N SEND RECV plain|raw          N rows in one transaction: send_s deliver_s
  *   raw consume N RECV                       DELETE .. RETURNING, one row per
  *                                            transaction: elapsed rate
@@ -178,7 +189,17 @@ static const char *const SEND_SQL[] = {
 	" set search_path = pg_catalog as $$ begin perform pg_notify('raw_ack', ''); return null; end $$",
 	"create trigger arrived after insert on public.raw_ack for each row execute function public.raw_ack_arrived()",
 	"alter table public.raw_ack enable always trigger arrived",
-	"create publication raw_pub for table public.raw_out, public.plain_out with (publish = 'insert')",
+	"create table public.ex_out (id uuid primary key default gen_random_uuid(),"
+	" type text not null, data jsonb not null, sent_at timestamptz not null default now())",
+	"create table public.ex_ack (id uuid primary key)",
+	/* the ack removes the message; the ack row itself is not kept */
+	"create function public.ex_ack_arrived() returns trigger language plpgsql"
+	" set search_path = pg_catalog as $$ begin"
+	" delete from public.ex_out where id = new.id;"
+	" perform pg_notify('ex_ack', ''); return null; end $$",
+	"create trigger arrived before insert on public.ex_ack for each row execute function public.ex_ack_arrived()",
+	"alter table public.ex_ack enable always trigger arrived",
+	"create publication raw_pub for table public.raw_out, public.plain_out, public.ex_out with (publish = 'insert')",
 	"select pg_create_logical_replication_slot('raw_to_recv', 'pgoutput')",
 	NULL,
 };
@@ -197,7 +218,24 @@ static const char *const RECV_SQL[] = {
 	" perform pg_notify('raw_msg', ''); return null; end $$",
 	"create trigger arrived after insert on public.raw_out for each row execute function public.raw_arrived()",
 	"alter table public.raw_out enable always trigger arrived",
-	"create publication ack_pub for table public.raw_ack with (publish = 'insert')",
+	"create table public.ex_out (id uuid primary key, type text not null, data jsonb not null,"
+	" sent_at timestamptz not null, pos bigserial not null)",
+	"create index ex_out_pos on public.ex_out (pos)",
+	"create table public.ex_seen (id uuid primary key)",
+	"create table public.ex_ack (id uuid primary key)",
+	/* acked every time it arrives (the sender may have lost an ack), taken once: a
+	 * message seen before is dropped; the ack's insert travels through the slot, its
+	 * delete does not */
+	"create function public.ex_arrived() returns trigger language plpgsql"
+	" set search_path = pg_catalog as $$ begin"
+	" insert into public.ex_ack (id) values (new.id);"
+	" delete from public.ex_ack where id = new.id;"
+	" insert into public.ex_seen (id) values (new.id) on conflict do nothing;"
+	" if not found then return null; end if;"
+	" perform pg_notify('ex_msg', ''); return new; end $$",
+	"create trigger arrived before insert on public.ex_out for each row execute function public.ex_arrived()",
+	"alter table public.ex_out enable always trigger arrived",
+	"create publication ack_pub for table public.raw_ack, public.ex_ack with (publish = 'insert')",
 	"select pg_create_logical_replication_slot('raw_to_send', 'pgoutput')",
 	NULL,
 };
@@ -268,11 +306,22 @@ static int cmd_setup(const char *send_ci, const char *recv_ci)
 
 static const char INS_SQL[] = "insert into public.raw_out (type, data) values ('bench', $1::jsonb) returning id";
 static const char ACKED_SQL[] = "select 1 from public.raw_ack where id = $1::uuid";
+static const char EX_INS_SQL[] = "insert into public.ex_out (type, data) values ('bench', $1::jsonb) returning id";
+/* exact: an ack is not kept; it removed the message */
+static const char EX_ACKED_SQL[] = "select 1 where not exists (select from public.ex_out where id = $1::uuid)";
 
-/* Waits until the ack of `id` is in raw_ack (LISTEN raw_ack must be active). With
- * fresh set, `id` was inserted by this connection's last statement, which committed:
- * its ack cannot have come before that, and its notification cannot be missed, so it
- * waits for a notification before it asks (msgbus's wait_ack does the same). */
+/* Prepares "ins" and "acked" for raw_out or ex_out and listens for their acks. */
+static void prepare_send(PGconn *c, int exact)
+{
+	exec(c, exact ? "listen ex_ack" : "listen raw_ack");
+	prepare(c, "ins", exact ? EX_INS_SQL : INS_SQL, 1);
+	prepare(c, "acked", exact ? EX_ACKED_SQL : ACKED_SQL, 1);
+}
+
+/* Waits until `id` is acked (prepare_send must have run). With fresh set, `id` was
+ * inserted by this connection's last statement, which committed: its ack cannot have
+ * come before that, and its notification cannot be missed, so it waits for a
+ * notification before it asks (msgbus's wait_ack does the same). */
 static void wait_ack(PGconn *c, const char *id, int fresh)
 {
 	const char *vals[1] = {id};
@@ -307,9 +356,7 @@ static int cmd_latency(long n, long warm, const char *send_ci)
 	PGconn *c = db_connect(send_ci);
 	double *lat = alloc_doubles(n);
 	long i;
-	exec(c, "listen raw_ack");
-	prepare(c, "ins", INS_SQL, 1);
-	prepare(c, "acked", ACKED_SQL, 1);
+	prepare_send(c, 0);
 	for (i = -warm; i < n; i++) {
 		char data[64], id[64];
 		double t0 = now();
@@ -326,15 +373,13 @@ static int cmd_latency(long n, long warm, const char *send_ci)
 	return 0;
 }
 
-static int cmd_inserts(long n, const char *send_ci)
+static int cmd_inserts(long n, const char *send_ci, int exact)
 {
 	PGconn *c = db_connect(send_ci);
 	char id[64] = "";
 	double t0, elapsed;
 	long i;
-	exec(c, "listen raw_ack");
-	prepare(c, "ins", INS_SQL, 1);
-	prepare(c, "acked", ACKED_SQL, 1);
+	prepare_send(c, exact);
 	t0 = now();
 	for (i = 0; i < n; i++) {
 		char data[64];
@@ -468,7 +513,7 @@ static int cmd_consume(long n, const char *recv_ci)
 
 static void usage(void)
 {
-	die("usage: raw setup SEND RECV | latency N WARM SEND | listen N RECV | inserts N SEND"
+	die("usage: raw setup SEND RECV | latency N WARM SEND | listen N RECV | inserts N SEND [exact]"
 	    " | batch N SEND RECV plain|raw | consume N RECV");
 }
 
@@ -483,7 +528,9 @@ int main(int argc, char **argv)
 	if (strcmp(argv[1], "listen") == 0 && argc == 4)
 		return cmd_listen(arg_count(argv[2]), argv[3]);
 	if (strcmp(argv[1], "inserts") == 0 && argc == 4)
-		return cmd_inserts(arg_count(argv[2]), argv[3]);
+		return cmd_inserts(arg_count(argv[2]), argv[3], 0);
+	if (strcmp(argv[1], "inserts") == 0 && argc == 5 && strcmp(argv[4], "exact") == 0)
+		return cmd_inserts(arg_count(argv[2]), argv[3], 1);
 	if (strcmp(argv[1], "batch") == 0 && argc == 6)
 		return cmd_batch(arg_count(argv[2]), argv[3], argv[4], argv[5]);
 	if (strcmp(argv[1], "consume") == 0 && argc == 4)

@@ -280,7 +280,7 @@ local function quiet(next_phase)
   phase_name = next_phase or phase_name
   sql(payments.conninfo, "delete from msgbus.inbox")
   sql(store.conninfo, "delete from msgbus.inbox")
-  sql(rawrecv, "truncate public.raw_out, public.plain_out")
+  sql(rawrecv, "truncate public.raw_out, public.plain_out, public.ex_out")
   sql(rawsend, "truncate public.plain_out")
   for _, ci in ipairs { store.conninfo, payments.conninfo, rawsend, rawrecv } do script(ci, "vacuum") end
 end
@@ -437,10 +437,10 @@ local function phase_sends()
     env = luasql.postgres()
     conn = check(env:connect(rawsend))
   end
-  local t_m, t_r, t_l = 0, 0, 0
-  R.cpu_sends = { m = cpu_acc(), r = cpu_acc() }
+  local t_m, t_r, t_l, t_x = 0, 0, 0, 0
+  R.cpu_sends = { m = cpu_acc(), r = cpu_acc(), x = cpu_acc() }
   for round = 1, ROUNDS do
-    log("2. sends, round %d of %d: %d each through bus:send, libpq, luasql", round, ROUNDS, b)
+    log("2. sends, round %d of %d: %d each through bus:send, libpq, libpq exactly-once, luasql", round, ROUNDS, b)
     quiet("2. sends")
     local last
     local c0 = cpu_snapshot({})
@@ -456,6 +456,12 @@ local function phase_sends()
     t_r = t_r + raw("inserts", b, rawsend)[1]
     cpu_add(R.cpu_sends.r, c0, cpu_snapshot({}))
     R.cpu_sends.r.n = R.cpu_sends.r.n + b
+
+    quiet()
+    c0 = cpu_snapshot({})
+    t_x = t_x + raw("inserts", b, rawsend, "exact")[1]
+    cpu_add(R.cpu_sends.x, c0, cpu_snapshot({}))
+    R.cpu_sends.x.n = R.cpu_sends.x.n + b
 
     if conn then
       quiet()
@@ -475,7 +481,7 @@ local function phase_sends()
       end
     end
   end
-  R.sends, R.raw_sends = b * ROUNDS / t_m, b * ROUNDS / t_r
+  R.sends, R.raw_sends, R.exact_sends = b * ROUNDS / t_m, b * ROUNDS / t_r, b * ROUNDS / t_x
   if conn then
     conn:close()
     env:close()
@@ -555,6 +561,10 @@ local function phase_consume()
   got = check(rbus:listen(function() end, { max = n, timeout = 60, batch = BATCH }))
   R.consume_batch = got / (core.now() - t0)
   if got ~= n then error(("listen { batch } handled %d of %d"):format(got, n)) end
+  -- a bus that has listened keeps listening, and every notification in its database
+  -- would wake its idle session from now on: the baseline has no such session
+  rbus:close()
+  rbus = check(msgbus.connect(payments.conninfo))
 
   quiet()
   log("4. consume: baseline, fill with %d (ack trigger)", n)
@@ -1161,6 +1171,8 @@ local function report(total)
       ("%d of %d messages"):format(#lost, sent), "n/a: raw acks only insert", nil)
   row("2. single-message sends [raw: libpq prepared INSERT]", R.sends, R.raw_sends, "msg/s", "%.0f")
   row("2. single-message sends [raw: luasql INSERT]", R.sends, R.luasql_sends, "msg/s", "%.0f")
+  row("2. single-message sends [raw exactly-once: dedup, an ack that removes the row]", R.sends, R.exact_sends,
+      "msg/s", "%.0f")
   local big, rb, s = R.big, R.raw_big, R.small
   local bn = k(big.n)
   local why_ack = not big.ack and ("n/a: gave up after %.0f s, %d of %d acked"):format(big.gave_up, big.n_acked, big.n)
@@ -1254,9 +1266,11 @@ local function report(total)
   end
   print("- server CPU a message, all processes of both clusters (a: the sender's, b: the receiver's), µs:")
   print(("  latency, no listener: msgbus %s; raw %s"):format(per_msg(R.cpu_lat.m), per_msg(R.cpu_lat.r)))
-  print(("  sends (with replication catching up): msgbus %s; raw %s; the machine was %.2f and %.2f cores busy")
-    :format(per_msg(R.cpu_sends.m), per_msg(R.cpu_sends.r), R.cpu_sends.m.busy / R.cpu_sends.m.wall,
-      R.cpu_sends.r.busy / R.cpu_sends.r.wall))
+  print(("  sends (with replication catching up): msgbus %s; raw %s; raw exactly-once %s;"
+    .. " the machine was %.2f, %.2f and %.2f cores busy")
+    :format(per_msg(R.cpu_sends.m), per_msg(R.cpu_sends.r), per_msg(R.cpu_sends.x),
+      R.cpu_sends.m.busy / R.cpu_sends.m.wall, R.cpu_sends.r.busy / R.cpu_sends.r.wall,
+      R.cpu_sends.x.busy / R.cpu_sends.x.wall))
   print(("- sends: %d rounds of %d through each of bus:send, libpq and luasql"):format(ROUNDS, N.sends // ROUNDS))
   for _, b in ipairs { s, big } do
     local seg = {}
