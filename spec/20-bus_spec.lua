@@ -165,6 +165,41 @@ describe("msgbus between two servers", function()
     assert.is_true(calls == 1 or calls == 2, ("msgbus.acked ran %d times, not 1 or 2"):format(calls))
   end)
 
+  it("listens only once it waits, on what it waits for, and again after a reconnect", function()
+    local function channels(bus)
+      return assert(bus:exec([[select coalesce(string_agg(c, ' ' order by c), '') as c
+                                 from pg_listening_channels() c]]))[1].c
+    end
+    local ch = "msgbus_" .. store.service
+    local b = env.connect(store)
+    -- a bus that only sends is not woken by its service's notifications
+    local id = assert(b:send(payments.service, "fire", {}))
+    assert.equal("", channels(b))
+    assert.is_true(b:wait_ack(id, 20))
+    assert.equal(ch .. "_ack", channels(b))
+    local asked = assert(b:send(payments.service, "ping", {}, { await_reply = true }))
+    -- (the first message is taken too)
+    assert.equal(2, pbus:listen(function(m)
+      if m.type == "ping" then assert(pbus:reply(m, "pong", {})) end
+    end, { max = 2, timeout = 20 }))
+    assert.equal(asked, assert(b:wait_reply(asked, 20)).reply)
+    assert.equal(ch .. "_ack " .. ch .. "_reply", channels(b))
+    assert.equal(0, b:listen(function() end, { timeout = 0 }))
+    assert.equal(ch .. " " .. ch .. "_ack " .. ch .. "_reply", channels(b))
+    -- a new session listens where the old one did
+    local old_pid = b.conn:backend_pid()
+    assert.is_true(env.scalar(store, "select pg_terminate_backend($1, 10000)", old_pid))
+    env.wait_until(function() return b:exec("select 1") end, 20, "the bus to reconnect")
+    assert.are_not.equal(old_pid, b.conn:backend_pid())
+    assert.equal(ch .. " " .. ch .. "_ack " .. ch .. "_reply", channels(b))
+    b:close()
+    -- an event loop's socket becomes readable when messages arrive
+    local e = env.connect(store)
+    assert.equal("integer", math.type(e:pollfd()))
+    assert.equal(ch, channels(e))
+    e:close()
+  end)
+
   it("commits a transaction of acks without waiting for its fsync, and one with a message with it", function()
     -- incoming transactions replayed by hand as the apply worker runs them, rolled back
     local c = assert(core.connect(store.conninfo))

@@ -145,8 +145,8 @@ local function bus_check(self)
   return self
 end
 
--- Open (or reopen) the connection: LISTEN on this service's channels and prepare
--- the statements of the message path.
+-- Open (or reopen) the connection: LISTEN on the channels this bus has waited on so
+-- far (see listen_on) and prepare the statements of the message path.
 local function bus_open(self)
   local conn, err, code = core.connect(self.conninfo, self.conn_extra)
   if not conn then return nil, err, code end
@@ -171,10 +171,12 @@ local function bus_open(self)
   self.service = installed
   local base = "msgbus_" .. installed
   self.channels = { inbox = base, ack = base .. "_ack", reply = base .. "_reply" }
-  for _, ch in pairs(self.channels) do
+  local listening = {}
+  for key in pairs(self.wants) do
     local ok
-    ok, err, code = conn:exec("listen " .. conn:escape_identifier(ch))
+    ok, err, code = conn:exec("listen " .. conn:escape_identifier(self.channels[key]))
     if not ok then conn:close(); return nil, err, code end
+    listening[key] = true
   end
   for name, sql in pairs(SQL) do
     local ok
@@ -189,6 +191,7 @@ local function bus_open(self)
     end
   end
   self.conn = conn
+  self.listening = listening
   self.pid = conn:backend_pid()
   return true
 end
@@ -235,6 +238,7 @@ function M.connect(conninfo, opts)
     max_attempts = max_attempts,
     wait_grace = wait_grace + 0.0,
     max_data_bytes = opts.max_data_bytes or 8 * 1024 * 1024,
+    wants = {},  -- the channels (keys of self.channels) to LISTEN on
     depth = 0,
     closed = false,
   }, Bus)
@@ -314,6 +318,29 @@ local function reconnect(self, deadline)
     core.sleep(left and math.min(delay, left) or delay)
     delay = math.min(delay * 2, 2)
   end
+end
+
+-- LISTEN on channels ("inbox", "ack", "reply"), from now on and after every
+-- reconnect. A bus listens only once it waits: every notification in its database
+-- wakes every session that listens there, on whatever channel, so a bus that only
+-- sends would otherwise be woken by each message and ack its service receives.
+-- Outside a transaction LISTEN takes effect when it returns: whatever the caller
+-- reads afterwards, and then waits for, cannot change unnoticed in between. Inside
+-- one (pollfd in a handler) it waits for the commit, and is asked for again.
+local function listen_on(self, ...)
+  for i = 1, select("#", ...) do self.wants[select(i, ...)] = true end
+  local conn, err, code = conn_of(self)
+  if not conn then return nil, err, code end
+  for i = 1, select("#", ...) do
+    local key = select(i, ...)
+    if not self.listening[key] then
+      local ok
+      ok, err, code = conn:exec("listen " .. conn:escape_identifier(self.channels[key]))
+      if not ok then return nil, err, code end
+      self.listening[key] = conn:txstatus() == "idle"
+    end
+  end
+  return conn
 end
 
 --- bus:exec(sql, ...) -> rows, affected | nil, err, code
@@ -402,10 +429,10 @@ local function send_one(self, receiver, mtype, json, reply, await, delay, ttl)
   local rows, err, code = run(self, await and "send_await" or "send", receiver, mtype, json, reply, delay, ttl)
   if not rows then return translate(err, code, receiver) end
   local id = rows[1].id
-  -- Committed on its own, on a connection that was listening already: its ack's
-  -- notification cannot have been missed, so wait_ack(id) may wait for it before
-  -- it asks (see wait_ack). Whatever reads notifications forgets this.
-  if self.depth == 0 and self.conn:txstatus() == "idle" then
+  -- Committed on its own, on a connection that was listening for acks already: its
+  -- ack's notification cannot have been missed, so wait_ack(id) may wait for it
+  -- before it asks (see wait_ack). Whatever reads notifications forgets this.
+  if self.depth == 0 and self.listening.ack and self.conn:txstatus() == "idle" then
     self.unseen = { id = id, conn = self.conn }
   end
   return id
@@ -563,6 +590,9 @@ function Bus:wait_ack(id, timeout)
     error("msgbus: wait_ack cannot be called inside a transaction (the message is not sent until it commits)", 2)
   end
   local deadline = timeout and core.now() + timeout
+  -- a lost connection is taken up by the loop, whose reconnect listens again
+  local _, lerr, lcode = listen_on(self, "ack")
+  if lerr and lcode ~= "closed" and lcode ~= "connection" then return nil, lerr, lcode end
   -- Right after this bus sent `id` on its own (see send_one), its ack cannot have
   -- come unnoticed: wait for a notification first, which saves asking once.
   local unseen = self.unseen
@@ -607,6 +637,8 @@ function Bus:wait_reply(id, timeout)
     error("msgbus: wait_reply cannot be called inside a transaction", 2)
   end
   local deadline = timeout and core.now() + timeout
+  local _, lerr, lcode = listen_on(self, "reply")
+  if lerr and lcode ~= "closed" and lcode ~= "connection" then return nil, lerr, lcode end
   -- the connection whose session holds the wait: register again on a new one, in
   -- case a listener forgot the wait while this bus was away longer than its grace
   local held
@@ -799,7 +831,9 @@ end
 -- bus:pollfd() -> the connection's socket (an integer file descriptor)
 function Bus:pollfd()
   bus_check(self)
-  local conn, err, code = conn_of(self)
+  -- (a LISTEN refused inside a failed transaction is asked for again next time)
+  local conn, err, code = listen_on(self, "inbox")
+  if not conn then conn, err, code = conn_of(self) end
   if not conn then return nil, err, code end
   return conn:socket()
 end
@@ -942,6 +976,8 @@ function Bus:listen(handler, opts)
   if self.depth > 0 then
     error("msgbus: listen cannot be called inside a transaction", 2)
   end
+  local _, lerr, lcode = listen_on(self, "inbox")
+  if lerr and lcode ~= "closed" and lcode ~= "connection" then return nil, lerr, lcode end
   local count = 0
   local single = 0 -- messages to hand out one transaction each after a failed batch commit
   self.vacuumed_at = self.vacuumed_at or core.now()
