@@ -540,6 +540,12 @@ function commands.tail(args)
     end
     return n
   end
+  -- following: LISTEN on the inbox channel (pollfd does) before the first look, so
+  -- that nothing that arrives after it goes unnoticed
+  if args.follow then
+    local fd, err = bus:pollfd()
+    if not fd then failure(err) end
+  end
   look(args.limit)
   if not args.follow then return end
   local timeout = args.timeout
