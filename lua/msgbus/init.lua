@@ -326,18 +326,19 @@ end
 -- sends would otherwise be woken by each message and ack its service receives.
 -- Outside a transaction LISTEN takes effect when it returns: whatever the caller
 -- reads afterwards, and then waits for, cannot change unnoticed in between. Inside
--- one (pollfd in a handler) it waits for the commit, and is asked for again.
+-- one (pollfd in a handler) it would wait for the commit, or fail in a failed one:
+-- the next call outside one, or a reconnect, does it.
 local function listen_on(self, ...)
   for i = 1, select("#", ...) do self.wants[select(i, ...)] = true end
   local conn, err, code = conn_of(self)
-  if not conn then return nil, err, code end
+  if not conn or conn:txstatus() ~= "idle" then return conn, err, code end
   for i = 1, select("#", ...) do
     local key = select(i, ...)
     if not self.listening[key] then
       local ok
       ok, err, code = conn:exec("listen " .. conn:escape_identifier(self.channels[key]))
       if not ok then return nil, err, code end
-      self.listening[key] = conn:txstatus() == "idle"
+      self.listening[key] = true
     end
   end
   return conn
@@ -831,9 +832,7 @@ end
 -- bus:pollfd() -> the connection's socket (an integer file descriptor)
 function Bus:pollfd()
   bus_check(self)
-  -- (a LISTEN refused inside a failed transaction is asked for again next time)
   local conn, err, code = listen_on(self, "inbox")
-  if not conn then conn, err, code = conn_of(self) end
   if not conn then return nil, err, code end
   return conn:socket()
 end
