@@ -306,15 +306,17 @@ static int cmd_setup(const char *send_ci, const char *recv_ci)
 
 static const char INS_SQL[] = "insert into public.raw_out (type, data) values ('bench', $1::jsonb) returning id";
 static const char ACKED_SQL[] = "select 1 from public.raw_ack where id = $1::uuid";
+static const char PLAIN_INS_SQL[] = "insert into public.plain_out (type, data) values ('bench', $1::jsonb) returning id";
 static const char EX_INS_SQL[] = "insert into public.ex_out (type, data) values ('bench', $1::jsonb) returning id";
 /* exact: an ack is not kept; it removed the message */
 static const char EX_ACKED_SQL[] = "select 1 where not exists (select from public.ex_out where id = $1::uuid)";
 
-/* Prepares "ins" and "acked" for raw_out or ex_out and listens for their acks. */
-static void prepare_send(PGconn *c, int exact)
+/* Prepares "ins" (the insert `ins_sql`) and "acked" (raw_out's acks, or with exact
+ * ex_out's) and listens for those acks. */
+static void prepare_send(PGconn *c, const char *ins_sql, int exact)
 {
 	exec(c, exact ? "listen ex_ack" : "listen raw_ack");
-	prepare(c, "ins", exact ? EX_INS_SQL : INS_SQL, 1);
+	prepare(c, "ins", ins_sql, 1);
 	prepare(c, "acked", exact ? EX_ACKED_SQL : ACKED_SQL, 1);
 }
 
@@ -356,7 +358,7 @@ static int cmd_latency(long n, long warm, const char *send_ci)
 	PGconn *c = db_connect(send_ci);
 	double *lat = alloc_doubles(n);
 	long i;
-	prepare_send(c, 0);
+	prepare_send(c, INS_SQL, 0);
 	for (i = -warm; i < n; i++) {
 		char data[64], id[64];
 		double t0 = now();
@@ -379,7 +381,7 @@ static int cmd_inserts(long n, const char *send_ci, int exact)
 	char id[64] = "";
 	double t0, elapsed;
 	long i;
-	prepare_send(c, exact);
+	prepare_send(c, exact ? EX_INS_SQL : INS_SQL, exact);
 	t0 = now();
 	for (i = 0; i < n; i++) {
 		char data[64];
@@ -411,10 +413,7 @@ static int cmd_batch(long n, const char *send_ci, const char *recv_ci, const cha
 		die("batch: table must be plain or raw, not %s", which);
 	if (n < 1)
 		die("batch: need at least one row");
-	exec(send, "listen raw_ack");
-	prepare(send, "ins", plain ? "insert into public.plain_out (type, data) values ('bench', $1::jsonb) returning id"
-	                           : INS_SQL, 1);
-	prepare(send, "acked", ACKED_SQL, 1);
+	prepare_send(send, plain ? PLAIN_INS_SQL : INS_SQL, 0);
 	prepare(recv, "there", "select 1 from public.plain_out where id = $1::uuid", 1);
 	t0 = now();
 	exec(send, "begin");

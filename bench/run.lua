@@ -1271,7 +1271,8 @@ local function report(total)
     :format(per_msg(R.cpu_sends.m), per_msg(R.cpu_sends.r), per_msg(R.cpu_sends.x),
       R.cpu_sends.m.busy / R.cpu_sends.m.wall, R.cpu_sends.r.busy / R.cpu_sends.r.wall,
       R.cpu_sends.x.busy / R.cpu_sends.x.wall))
-  print(("- sends: %d rounds of %d through each of bus:send, libpq and luasql"):format(ROUNDS, N.sends // ROUNDS))
+  print(("- sends: %d rounds of %d through each of bus:send, libpq, libpq exactly-once and luasql")
+    :format(ROUNDS, N.sends // ROUNDS))
   for _, b in ipairs { s, big } do
     local seg = {}
     for i = 2, #b.marks do
