@@ -51,6 +51,7 @@ build = {
       ["msgbus.sql.011_ordered_ids"] = "sql/011_ordered_ids.sql",
       ["msgbus.sql.012_batched_acks"] = "sql/012_batched_acks.sql",
       ["msgbus.sql.013_batch_arrival"] = "sql/013_batch_arrival.sql",
+      ["msgbus.sql.014_packs"] = "sql/014_packs.sql",
     },
   },
 }

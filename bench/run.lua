@@ -266,8 +266,11 @@ end
 -- applied in order, so whatever is still in the store's outbox lost its ack: count it
 -- (the report shows it) and remove it, or every later phase would trip over it.
 local function reap()
-  for _, r in ipairs(sql(store.conninfo, "select id::text as id from msgbus.to_payments")) do
-    if not sql(payments.conninfo, "select 1 as x from msgbus.seen where id = $1::uuid", r.id)[1] then
+  -- (a pack reached payments if its first message did)
+  for _, r in ipairs(sql(store.conninfo, [[select id::text as id, case when type = 'msgbus.pack'
+                                             then data -> 'ids' ->> 0 else id::text end as probe
+                                             from msgbus.to_payments]])) do
+    if not sql(payments.conninfo, "select 1 as x from msgbus.seen where id = $1::uuid", r.probe)[1] then
       error(("message %s is still in the outbox and never reached payments\n%s"):format(r.id, diagnose(r.id)))
     end
     lost[#lost + 1] = { phase = phase_name, id = r.id }

@@ -892,7 +892,8 @@ describe("msgbus.setup.install", function()
     -- this version's bus does not work on it, and says what to do
     local bus, err, code = msgbus.connect(info)
     assert.is_nil(bus)
-    assert.equal("42703", code)
+    -- a column or a function it uses is missing, whichever it prepares first
+    assert.is_true(code == "42703" or code == "42883", code)
     assert.matches("older than this msgbus (run msgbus.setup.install", err, 1, true)
 
     assert(msgbus.setup.install(info, db))
@@ -908,6 +909,7 @@ describe("msgbus.setup.install", function()
       { "has_column_privilege($1, 'msgbus.waits', 'id', 'select')", true },
       { "has_column_privilege($1, 'msgbus.waits', 'since', 'update')", false },
       { "has_function_privilege($1, 'msgbus.claim_batch(integer)', 'execute')", true },
+      { "has_function_privilege($1, 'msgbus.send_many(text, text, jsonb, float8, float8)', 'execute')", true },
     } do
       assert.equal(check[2], env.scalar(svc, "select " .. check[1], role), check[1])
     end

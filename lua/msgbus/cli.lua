@@ -320,7 +320,7 @@ select p.service as peer,
  order by p.service]]
 
 local STATUS_OUTBOXES = [[
-select receiver as peer, count(*)::int8 as depth,
+select receiver as peer, sum(msgbus.message_count(type, data))::int8 as depth,
        min(sent_at)::text as oldest_sent_at,
        extract(epoch from now() - min(sent_at))::float8 as oldest_age
   from msgbus.messages

@@ -37,14 +37,10 @@ local SQL = {
   -- statement of its own: without the waits clause, the common send costs the server
   -- about 8 µs less.
   send_await = "with m as (" .. SEND .. "), w as (insert into msgbus.waits (id) select id from m) select id from m",
-  -- send_many: one statement for a list of messages, in list order ($3 is a JSON
-  -- array of data objects; sent_at, stamped per row, keeps that order)
-  send_many = [[insert into msgbus.messages (receiver, type, data, not_before, expires_at)
-                select $1, $2, d, now() + make_interval(secs => $4::float8),
-                       now() + make_interval(secs => $5::float8)
-                  from jsonb_array_elements($3::jsonb) with ordinality as e(d, n)
-                 order by n
-                returning id]],
+  -- send_many: one statement for a list of messages ($3 is a JSON array of data
+  -- objects), packed for a peer that unpacks them (sql/014_packs.sql); the ids come
+  -- back in list order
+  send_many = "select id from msgbus.send_many($1, $2, $3::jsonb, $4::float8, $5::float8) as id",
   acked = "select msgbus.acked($1::uuid) as acked",
   fail = "select msgbus.fail($1::uuid, $2, $3::integer) as dead",
   take_reply = "select * from msgbus.take_reply($1::uuid)",

@@ -10,7 +10,8 @@ local INSTALL_LOCK = 0x6d736762 -- "msgb"
 
 local MIGRATIONS = { "001_schema", "002_repair", "003_claim", "004_passfile", "005_fast_arrival",
                      "006_fast_ack_check", "007_apply_cost", "008_claim_batch", "009_wait_owner",
-                     "010_claim_walk", "011_ordered_ids", "012_batched_acks", "013_batch_arrival" }
+                     "010_claim_walk", "011_ordered_ids", "012_batched_acks", "013_batch_arrival",
+                     "014_packs" }
 
 local function fail(msg, code)
   return nil, "msgbus: " .. msg, code
@@ -394,7 +395,7 @@ function setup.unlink(a, b, opts)
     if not opts.force then
       for _, s in ipairs(sides) do
         local rows, e, c = s.conn:exec(
-          [[select count(*)::int8 as n from msgbus.messages m where receiver = $1
+          [[select coalesce(sum(msgbus.message_count(m.type, m.data)), 0)::int8 as n from msgbus.messages m where receiver = $1
              and not exists (select 1 from msgbus.early_acks e where e.id = m.id)]], s.peer.service)
         if not rows then return nil, e, c end
         if rows[1].n > 0 then

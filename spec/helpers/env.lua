@@ -89,7 +89,8 @@ end
 
 -- How many messages (acks included) `svc` holds for `peer`: its outbox to that peer.
 function env.outbox_count(svc, peer)
-  return env.scalar(svc, "select count(*)::int8 from msgbus.messages where receiver = $1", peer.service)
+  return env.scalar(svc, "select coalesce(sum(msgbus.message_count(type, data)), 0)::int8 from msgbus.messages where receiver = $1",
+                    peer.service)
 end
 
 -- One row arriving in `svc`'s inbox from `from`, written as the apply worker writes

@@ -1,0 +1,232 @@
+-- Packs (migration 014): send_many to a peer at version 14 travels as rows of up to
+-- 1,000 messages, which the receiver's inbox trigger unpacks into the inbox rows
+-- they would have been had they travelled alone.
+local msgbus = require "msgbus"
+local core = require "msgbus.core"
+local env = require "helpers.env"
+
+local NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+-- Count the rows that arrive at `svc`'s inbox by type, with a trigger that runs
+-- before msgbus's own ("a_spy" sorts before "arrival"; it also sees the messages a
+-- pack is unpacked into). Returns a function that gives the counts, and one that
+-- removes the trigger.
+local function spy_types(svc)
+  local inbox = "msgbus.to_" .. svc.service
+  env.exec(svc, "create table if not exists public.type_spy (type text)")
+  env.exec(svc, "truncate public.type_spy")
+  env.exec(svc, ("drop trigger if exists a_spy on %s"):format(inbox))
+  env.exec(svc, [[create or replace function public.type_spy() returns trigger language plpgsql as $$
+    begin
+      insert into public.type_spy values (new.type);
+      return new;
+    end $$]])
+  env.exec(svc, ("create trigger a_spy before insert on %s for each row execute function public.type_spy()"):format(inbox))
+  env.exec(svc, ("alter table %s enable always trigger a_spy"):format(inbox))
+  return function()
+    local counts = {}
+    for _, r in ipairs(env.exec(svc, "select type, count(*)::int8 as n from public.type_spy group by type")) do
+      counts[r.type] = r.n
+    end
+    return counts
+  end, function()
+    env.exec(svc, ("drop trigger a_spy on %s"):format(inbox))
+  end
+end
+
+local function subscription(of, from)
+  return ("msgbus_%s_to_%s"):format(from.service, of.service)
+end
+
+-- Everything in `svc`'s inbox, in arrival order, as a handler would get it.
+local function drain(bus, n)
+  local got = {}
+  assert.equal(n, bus:listen(function(m) got[#got + 1] = m end, { max = n, timeout = 30, batch = 50 }))
+  return got
+end
+
+describe("packs", function()
+  local store, payments, sbus, pbus
+
+  setup(function()
+    store, payments = env.linked({ "pkst", "pkpy" }, { "a", "b" })
+    sbus = env.connect(store)
+    pbus = env.connect(payments)
+    env.wait_until(function()
+      return env.scalar(store, "select packs from msgbus.peers where service = $1", payments.service)
+         and env.scalar(payments, "select packs from msgbus.peers where service = $1", store.service)
+    end, 30, "the link's hellos")
+  end)
+
+  teardown(function()
+    sbus:close()
+    pbus:close()
+  end)
+
+  it("carry send_many's messages, which arrive one by one, in order, with the data sent", function()
+    local spy, unspy = spy_types(payments)
+    local list = {}
+    for i = 1, 2500 do
+      list[i] = { i = i, big = "9007199254740993", n = 12345678901234567, text = "é\t\"" .. i,
+                  nested = { a = { i, i * 2 }, e = msgbus.null } }
+    end
+    local ids = assert(sbus:send_many(payments.service, "many", list, { ttl = 3600 }))
+    assert.equal(2500, #ids)
+    for _, id in ipairs(ids) do assert.is_true(sbus:wait_ack(id, 30)) end
+    assert.equal(0, env.outbox_count(store, payments))
+    local got = drain(pbus, 2500)
+    unspy()
+    -- three rows travelled: packs of 1,000, 1,000 and 500 messages
+    assert.same({ ["msgbus.pack"] = 3, many = 2500 }, spy())
+    for i, m in ipairs(got) do
+      assert.equal(ids[i], m.id)
+      assert.equal("many", m.type)
+      assert.equal(store.service, m.sender)
+      assert.same(list[i], m.data)
+    end
+    assert.equal(2500, env.scalar(payments, [[select count(*)::int8 from msgbus.seen where sender = $1
+                                                and id = any($2::uuid[])]],
+                                  store.service, "{" .. table.concat(ids, ",") .. "}"))
+  end)
+
+  it("end a pack before it passes a megabyte of data", function()
+    local spy, unspy = spy_types(payments)
+    local list = {}
+    for i = 1, 6 do list[i] = { i = i, blob = ("x"):rep(400 * 1024) } end
+    local ids = assert(sbus:send_many(payments.service, "big", list))
+    assert.is_true(sbus:wait_ack(ids[6], 30))
+    local got = drain(pbus, 6)
+    unspy()
+    -- 400 KB each: the first megabyte ends after two, the second after five
+    assert.same({ ["msgbus.pack"] = 3, big = 6 }, spy())
+    for i, m in ipairs(got) do
+      assert.equal(ids[i], m.id)
+      assert.same(list[i], m.data)
+    end
+  end)
+
+  it("keep a message of a pack unacknowledged, and counted, until its pack is acknowledged", function()
+    local sub = subscription(payments, store)
+    env.exec(payments, "alter subscription " .. sub .. " disable")
+    local list = {}
+    for i = 1, 1200 do list[i] = { i = i } end
+    local ids = assert(sbus:send_many(payments.service, "held", list, { delay = 0 }))
+    assert.equal(2, env.scalar(store, "select count(*)::int8 from msgbus.messages where receiver = $1", payments.service))
+    assert.equal(1200, env.outbox_count(store, payments))
+    local st = assert(sbus:status())
+    local depth
+    for _, p in ipairs(st.peers) do if p.peer == payments.service then depth = p.outbox.depth end end
+    assert.equal(1200, depth)
+    local ok, _, code = sbus:wait_ack(ids[1], 0)
+    assert.is_nil(ok)
+    assert.equal("timeout", code)
+    assert.is_false(env.scalar(store, "select msgbus.acked($1)", ids[1200]))
+    -- unlinking would discard them: refused, with the count of messages
+    local uok, uerr = msgbus.setup.unlink(store, payments)
+    assert.is_nil(uok)
+    assert.matches("1200", uerr)
+    env.exec(payments, "alter subscription " .. sub .. " enable")
+    assert.is_true(sbus:wait_ack(ids[1], 30))
+    assert.is_true(sbus:wait_ack(ids[1200], 30))
+    assert.equal(1200, #drain(pbus, 1200))
+  end)
+
+  it("hand out each message of a pack sent twice (repair's resend) once", function()
+    local sub = subscription(payments, store)
+    env.exec(payments, "alter subscription " .. sub .. " disable")
+    local list = {}
+    for i = 1, 300 do list[i] = { i = i } end
+    local ids = assert(sbus:send_many(payments.service, "twice", list))
+    -- the pack goes through the slot a second time: both copies arrive
+    assert.equal(300, env.scalar(store, "select msgbus.resend($1)", payments.service))
+    env.exec(payments, "alter subscription " .. sub .. " enable")
+    assert.is_true(sbus:wait_ack(ids[300], 30))
+    local got = drain(pbus, 300)
+    for i, m in ipairs(got) do assert.equal(ids[i], m.id) end
+    -- nothing more: the second copy was dropped (its ack came back too)
+    assert.equal(0, pbus:listen(function() end, { max = 1, timeout = 0 }))
+    env.wait_until(function()
+      return env.scalar(store, "select count(*)::int8 from msgbus.early_acks") == 0
+          or env.outbox_count(store, payments) == 0
+    end, 10, "the second ack")
+    assert.equal(0, env.outbox_count(store, payments))
+  end)
+
+  it("dead-letter a message of a pack that fails validation alone, with its reason", function()
+    local rows = env.exec(payments, "select gen_random_uuid()::text as id from generate_series(1, 4)")
+    local good1, good2, flat, deep = rows[1].id, rows[2].id, rows[3].id, rows[4].id
+    local deep_json = ("["):rep(1001) .. ("]"):rep(1001)
+    local pack = ([[{"type": "mixed", "ids": ["%s", "%s", "not-a-uuid", "%s", "%s", "%s"],
+                     "data": [{"a": 1}, [1], {"lost": true}, {"d": %s}, {"b": 2}, {"again": true}]}]])
+      :format(good1, flat, deep, good2, good1, deep_json)
+    assert(env.arrive(payments, store, "msgbus.pack", nil, pack))
+    local got = drain(pbus, 2)
+    assert.same({ good1, good2 }, { got[1].id, got[2].id })
+    assert.same({ a = 1 }, got[1].data)
+    assert.same({ b = 2 }, got[2].data)
+    assert.same({ { id = flat, reason = "data is not a JSON object", type = "mixed" },
+                  { id = deep, reason = "data nested deeper than 1000 levels", type = "mixed" } },
+      env.exec(payments, "select id::text, reason, type from msgbus.dead_letters where id in ($1, $2) order by reason",
+               flat, deep))
+    -- a row of type msgbus.pack that is not one is dead-lettered whole; redeliver
+    -- refuses it
+    local bad = env.scalar(payments, "select gen_random_uuid()::text")
+    local c = assert(core.connect(payments.conninfo))
+    assert(c:exec("begin"))
+    assert(c:exec("set local session_replication_role = replica"))
+    assert(c:exec(("insert into msgbus.to_%s (id, sender, receiver, type, data) values ($1, $2, $3, 'msgbus.pack', $4)")
+      :format(payments.service), bad, store.service, payments.service, '{"type": "x", "ids": [], "data": [{}]}'))
+    assert(c:exec("commit"))
+    c:close()
+    assert.equal("not a pack of messages",
+      env.scalar(payments, "select reason from msgbus.dead_letters where id = $1", bad))
+    local ok, err = pcall(env.exec, payments, "select msgbus.redeliver($1)", bad)
+    assert.is_false(ok)
+    assert.matches("malformed pack", tostring(err))
+    assert.equal(1, env.scalar(payments, "select count(*)::int8 from msgbus.dead_letters where id = $1", bad))
+    assert.equal(0, env.scalar(payments, "select count(*)::int8 from msgbus.inbox"))
+  end)
+
+  it("refuse a pack made by hand that is not one, at the sender, and insert nothing", function()
+    local id = env.scalar(store, "select gen_random_uuid()::text")
+    local cases = {
+      { '{"type": "x", "ids": ["' .. id .. '"], "data": []}', "same length" },
+      { '{"type": "msgbus.x", "ids": ["' .. id .. '"], "data": [{}]}', "invalid message type" },
+      { '{"type": "x", "ids": ["' .. id .. '", "' .. id .. '"], "data": [{}, {}]}', "distinct UUIDs" },
+      { '{"type": "x", "ids": ["' .. id:upper() .. '"], "data": [{}]}', "distinct UUIDs" },
+      { '{"type": "x", "ids": ["' .. id .. '"], "data": [1]}', "JSON object" },
+    }
+    for _, case in ipairs(cases) do
+      local ok, err = pcall(env.exec, store, "insert into msgbus.messages (receiver, type, data) values ($1, 'msgbus.pack', $2)",
+                            payments.service, case[1])
+      assert.is_false(ok, case[1])
+      assert.matches(case[2], tostring(err), 1, true)
+    end
+    assert.equal(0, env.outbox_count(store, payments))
+  end)
+
+  it("send one row a message to a peer that has not said it unpacks packs", function()
+    env.exec(store, "update msgbus.peers set packs = false where service = $1", payments.service)
+    local spy, unspy = spy_types(payments)
+    local list = {}
+    for i = 1, 20 do list[i] = { i = i } end
+    local ids = assert(sbus:send_many(payments.service, "rows", list))
+    assert.is_true(sbus:wait_ack(ids[20], 30))
+    local got = drain(pbus, 20)
+    unspy()
+    env.exec(store, "update msgbus.peers set packs = true where service = $1", payments.service)
+    assert.same({ rows = 20 }, spy())
+    for i, m in ipairs(got) do assert.equal(ids[i], m.id) end
+  end)
+
+  it("tell a peer with the hello of version 14, and answer one", function()
+    env.exec(payments, "update msgbus.peers set packs = false where service = $1", store.service)
+    env.exec(store, "update msgbus.peers set packs = false where service = $1", payments.service)
+    env.exec(store, "select msgbus.hello($1)", payments.service)
+    env.wait_until(function()
+      return env.scalar(store, "select packs from msgbus.peers where service = $1", payments.service)
+         and env.scalar(payments, "select packs from msgbus.peers where service = $1", store.service)
+    end, 30, "the hello and its answer")
+    assert.equal(0, env.scalar(store, "select count(*)::int8 from msgbus.early_acks where id = $1", NIL_UUID))
+  end)
+end)
