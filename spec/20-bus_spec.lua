@@ -451,11 +451,38 @@ describe("msgbus between two servers", function()
       bus:close()
     end)
 
-    it("refuses a batch size that is not an integer from 1 to 64", function()
-      for _, b in ipairs { 0, 65, 1.5, "10", true } do
+    it("refuses a batch size that is not an integer from 1 to 1000", function()
+      for _, b in ipairs { 0, 1001, 1.5, "10", true } do
         assert.has_error(function() pbus:listen(function() end, { batch = b, timeout = 0 }) end,
-          "msgbus: bad argument #2 to 'listen' (opts.batch must be an integer from 1 to 64)")
+          "msgbus: bad argument #2 to 'listen' (opts.batch must be an integer from 1 to 1000)")
       end
+    end)
+
+    it("puts at most 64 handlers that use the database in one batch, and all of a big batch's others", function()
+      fill(150)
+      -- each handler notes the transaction it ran in
+      local tx, got = {}, {}
+      assert.equal(150, pbus:listen(function(m)
+        got[#got + 1] = m.data.i
+        local x = assert(pbus:exec("select txid_current()::text as x"))[1].x
+        tx[x] = (tx[x] or 0) + 1
+      end, { batch = 1000, max = 150, timeout = 5 }))
+      local sizes = {}
+      for _, n in pairs(tx) do sizes[#sizes + 1] = n end
+      table.sort(sizes)
+      assert.same({ 22, 64, 64 }, sizes)
+      for i = 1, 150 do assert.equal(i, got[i]) end
+      -- handlers that do not touch the database: one transaction for all of them, so
+      -- while the last one runs, none has left the inbox yet
+      fill(150)
+      local c = assert(core.connect(payments.conninfo))
+      local left
+      assert.equal(150, pbus:listen(function(m)
+        if m.data.i == 150 then left = assert(c:exec("select count(*)::int8 as n from msgbus.inbox"))[1].n end
+      end, { batch = 1000, max = 150, timeout = 5 }))
+      c:close()
+      assert.equal(150, left)
+      assert.equal(0, inbox_count(payments))
     end)
   end)
 

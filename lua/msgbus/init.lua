@@ -277,6 +277,7 @@ local function conn_of(self)
                                         or "savepoint msgbus_message")
       if not ok then return nil, err, code end
       b.open, b.fresh = true, true
+      b.savepoints = b.savepoints + 1
     end
     return conn
   end
@@ -738,6 +739,13 @@ local function listen_once(self, handler, limit)
   return "empty", n, nil, nil, rows[1] and rows[1].due or false
 end
 
+-- A handler that uses the database runs in a subtransaction of its own, and
+-- PostgreSQL keeps 64 of them per backend in shared memory before every other
+-- session's snapshots get slower (they look each one up in pg_subtrans): a batch
+-- ends after this many such handlers, and the messages after them wait for the next
+-- one. Handlers that do not touch the database have the whole batch.
+local MAX_SUBXACTS = 64
+
 -- Up to `limit` messages through the handler in one transaction, taken with one
 -- msgbus.claim_batch and consumed with one msgbus.done_many. Each handler that
 -- touches the database through the bus does so under its own savepoint, opened on
@@ -763,7 +771,8 @@ local function listen_batch_in(self, handler, limit, b)
   local done, failed = {}, {}
   local tried = 0
   for _, row in ipairs(rows) do
-    if self.closed then break end
+    -- the rest stays in the inbox for the next batch, in order
+    if self.closed or b.savepoints >= MAX_SUBXACTS then break end
     if not failed[row.sender] then
       tried = tried + 1
       b.due, b.fresh = true, false
@@ -804,7 +813,7 @@ local function listen_batch_in(self, handler, limit, b)
 end
 
 local function listen_batch(self, handler, limit)
-  local b = { due = false, open = false, fresh = false }
+  local b = { due = false, open = false, fresh = false, savepoints = 0 }
   self.batch = b
   local handled, tried, code = listen_batch_in(self, handler, limit, b)
   self.batch = nil
@@ -919,10 +928,9 @@ local VACUUM_EVERY = 500
 local VACUUM_IDLE = 100
 local VACUUM_SHARE = 0.05
 local VACUUM_MAX = 20000
--- The most messages listen's opts.batch puts in one transaction: each is a
--- subtransaction, and PostgreSQL keeps 64 of them per backend in shared memory
--- before every other session's snapshots get slower.
-local MAX_BATCH = 64
+-- The most messages listen's opts.batch puts in one transaction: claim_batch's own
+-- limit (see MAX_SUBXACTS for handlers that use the database).
+local MAX_BATCH = 1000
 
 -- Vacuum the inbox, skipping it if another listener is at it; a role that does not
 -- own the table only gets a warning, which is ignored. Without parallel workers:
