@@ -619,6 +619,10 @@ function Bus:wait_ack(id, timeout)
   end
 end
 
+-- The columns of an inbox row a handler sees (README: bus:listen): claim_batch's
+-- result is read with these only, since turning a timestamp into text costs.
+local MESSAGE_COLUMNS = "id, reply, sender, receiver, type, data, sent_at, received_at, expires_at, attempts, last_error"
+
 -- An inbox row as the handler sees it: the receiver's scheduling columns are internal.
 local function to_message(row)
   row.data = row.data or {}
@@ -693,7 +697,7 @@ local function listen_once(self, handler, limit)
   local conn, err, code = conn_of(self)
   if not conn then return nil, 0, err, code end
   local rows
-  rows, err, code = conn:script("begin; select * from msgbus.claim()")
+  rows, err, code = conn:script("begin; select " .. MESSAGE_COLUMNS .. " from msgbus.claim()")
   if not rows then
     if conn:ok() then conn:exec("rollback") end
     return nil, 0, err, code
@@ -705,7 +709,7 @@ local function listen_once(self, handler, limit)
       local more = n + 1 < limit and not self.closed
       -- the id comes from the database, in canonical form: safe to inline
       local sql = ("select msgbus.done('%s'); commit"):format(msg.id)
-      rows, err, code = conn:script(more and sql .. "; begin; select * from msgbus.claim()" or sql)
+      rows, err, code = conn:script(more and sql .. "; begin; select " .. MESSAGE_COLUMNS .. " from msgbus.claim()" or sql)
       if rows and conn:txstatus() == (more and "intrans" or "idle") then
         n = n + 1
         if not more then return "handled", n end
@@ -766,7 +770,7 @@ local function listen_batch_in(self, handler, limit, b)
     return nil, e, c or "closed"
   end
   local rows
-  rows, err, code = conn:script(("begin; select * from msgbus.claim_batch(%d)"):format(limit))
+  rows, err, code = conn:script(("begin; select " .. MESSAGE_COLUMNS .. " from msgbus.claim_batch(%d)"):format(limit))
   if not rows then return abort(err, code) end
   local done, failed = {}, {}
   local tried = 0
