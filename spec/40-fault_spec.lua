@@ -129,8 +129,9 @@ end
 
 -- Sends "seq" messages { i = 1, 2, ... } to A.receiver until A.stop exists or A.max
 -- were tried: single-message transactions, and every A.batch_every-th time one
--- transaction of A.batch. Prints "ok i id" once a send returned or its transaction
--- committed, "err first last code message" for sends that did not (not promised).
+-- transaction of A.batch: sends, and every other time one send_many (which travels as
+-- a pack). Prints "ok i id" once a send returned or its transaction committed, "err
+-- first last code message" for sends that did not (not promised).
 local SENDER = [[
 local bus = connect(A.conninfo)
 local i, cycle = 0, 0
@@ -141,7 +142,13 @@ while i < A.max and not exists(A.stop) do
     local first, last = i + 1, math.min(i + A.batch, A.max)
     local ids = {}
     local ok, err, code = bus:transaction(function()
-      for k = first, last do ids[#ids + 1] = assert(bus:send(A.receiver, "seq", { i = k })) end
+      if (cycle // A.batch_every) % 2 == 0 then
+        local list = {}
+        for k = first, last do list[#list + 1] = { i = k } end
+        ids = assert(bus:send_many(A.receiver, "seq", list))
+      else
+        for k = first, last do ids[#ids + 1] = assert(bus:send(A.receiver, "seq", { i = k })) end
+      end
     end)
     if ok then
       for k = first, last do out("ok", k, ids[k - first + 1]) end

@@ -619,8 +619,8 @@ function Bus:wait_ack(id, timeout)
   end
 end
 
--- The columns of an inbox row a handler sees (README: bus:listen): claim_batch's
--- result is read with these only, since turning a timestamp into text costs.
+-- The columns of an inbox row a handler sees (README: bus:listen): listen reads
+-- claim's and claim_batch's rows with these only (a timestamp's text costs).
 local MESSAGE_COLUMNS = "id, reply, sender, receiver, type, data, sent_at, received_at, expires_at, attempts, last_error"
 
 -- An inbox row as the handler sees it: the receiver's scheduling columns are internal.
