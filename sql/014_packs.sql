@@ -14,7 +14,8 @@
 -- expires_at, the same for all of them, as send_many gives them. The inbox trigger
 -- unpacks a pack with one statement for all of its messages: each becomes the inbox
 -- row it would have been had it travelled alone (same id, sender, type, data,
--- sent_at, not_before, expires_at, in order), a copy seen before is dropped, a
+-- not_before, expires_at, in order; sent_at is the pack's, the time of its insert,
+-- where rows of one call had times microseconds apart), a copy seen before is dropped, a
 -- message that fails validation goes to the dead letters with its own reason. The
 -- receiver acknowledges the pack (its id), which removes it, and so all of its
 -- messages, from the sender's outbox in one delete.
