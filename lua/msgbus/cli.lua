@@ -288,6 +288,7 @@ end
 local STATUS_PEERS = [[
 select p.service as peer,
        p.batched_acks,
+       p.packs,
        format('msgbus_%s_to_%s', p.service, me.service) as sub_name,
        format('msgbus_%s_to_%s', me.service, p.service) as slot_name,
        extract(epoch from now() - p.linked_at)::float8 as linked_age,
@@ -358,6 +359,9 @@ local function collect_status(bus, max_ack_age)
       -- whether this service acknowledges the peer's transactions of many messages
       -- with one ack row per 100 (the peer said hello: version 12 or later)
       acks = r.batched_acks and "batched" or "single",
+      -- how send_many's messages travel to the peer: packs of up to 1,000 (the peer
+      -- said hello: version 14 or later), or one row each
+      many = r.packs and "packs" or "rows",
       subscription = {
         name = r.sub_name, exists = r.sub_exists, enabled = r.sub_enabled or false,
         worker_running = r.worker_pid ~= nil, worker_pid = null_if_nil(r.worker_pid),
@@ -425,11 +429,12 @@ local function print_status(s)
         out.depth,
         opt(out.oldest_age, age),
         p.acks,
+        p.many,
       }
     end
     say("")
     for _, line in ipairs(table_lines({ "PEER", "SUBSCRIPTION", "WORKER", "LAST RECEIPT", "ERRORS", "SLOT", "WAL",
-      "RETAINED", "LAG", "OUTBOX", "OLDEST", "ACKS" }, rows)) do say(line) end
+      "RETAINED", "LAG", "OUTBOX", "OLDEST", "ACKS", "MANY" }, rows)) do say(line) end
     say("")
   end
   if s.healthy then
