@@ -673,7 +673,8 @@ local function count(ci, rel)
 end
 
 -- 3 and 5: a batch of n messages in one transaction, sent with bus:send_many, MANY a
--- call, with a no-op listener running that handles them with listen { batch = BATCH }.
+-- call, with a no-op listener running that handles them with listen { batch = batch }
+-- (BATCH unless given).
 -- Gives up at `deadline` (core.now() time) and reports how far it got.
 local function msgbus_batch(n, stops, deadline, batch)
   quiet(("batch %d"):format(n))

@@ -54,9 +54,8 @@ local function spy_acks(svc)
   return seen, sizes, stop
 end
 
--- Send n messages to `to` in one transaction; returns their ids.
--- n messages in one transaction, one row each (send, not send_many, which packs them
--- for a peer at version 14: see spec 23)
+-- Send n messages to `to` in one transaction, one row each (send, not send_many,
+-- which packs them for a peer at version 14: see spec 23); returns their ids.
 local function send_batch(bus, to, n, mtype)
   local ids = {}
   assert(bus:transaction(function()
