@@ -56,6 +56,12 @@ local function fail(msg, code)
   return nil, "msgbus: " .. msg, code
 end
 
+-- Whether an error code says the connection was lost (which the waiting calls ride
+-- out by reconnecting), rather than that the database refused something.
+local function lost(code)
+  return code == "closed" or code == "connection"
+end
+
 local function check_service(name, arg, what)
   if type(name) ~= "string" then
     error(("msgbus: bad argument #%d (%s: service name expected, got %s)"):format(arg, what, type(name)), 3)
@@ -590,7 +596,7 @@ function Bus:wait_ack(id, timeout)
   local deadline = timeout and core.now() + timeout
   -- a lost connection is taken up by the loop, whose reconnect listens again
   local _, lerr, lcode = listen_on(self, "ack")
-  if lerr and lcode ~= "closed" and lcode ~= "connection" then return nil, lerr, lcode end
+  if lerr and not lost(lcode) then return nil, lerr, lcode end
   -- Right after this bus sent `id` on its own (see send_one), its ack cannot have
   -- come unnoticed: wait for a notification first, which saves asking once.
   local unseen = self.unseen
@@ -601,7 +607,7 @@ function Bus:wait_ack(id, timeout)
       rows, err, code = run(self, "acked", id)
       if rows then
         if rows[1].acked then return true end
-      elseif code ~= "closed" and code ~= "connection" then
+      elseif not lost(code) then
         return nil, err, code
       end
       if deadline and core.now() >= deadline then
@@ -613,7 +619,7 @@ function Bus:wait_ack(id, timeout)
     ok, notes, code = wait_event(self, deadline, RECHECK)
     if ok then
       if named(notes, self.channels.ack, id) then return true end
-    elseif code ~= "closed" and code ~= "connection" then
+    elseif not lost(code) then
       return nil, notes, code
     end
   end
@@ -622,6 +628,8 @@ end
 -- The columns of an inbox row a handler sees (README: bus:listen): listen reads
 -- claim's and claim_batch's rows with these only (a timestamp's text costs).
 local MESSAGE_COLUMNS = "id, reply, sender, receiver, type, data, sent_at, received_at, expires_at, attempts, last_error"
+local CLAIM = "begin; select " .. MESSAGE_COLUMNS .. " from msgbus.claim()"
+local CLAIM_BATCH = "begin; select " .. MESSAGE_COLUMNS .. " from msgbus.claim_batch(%d)"
 
 -- An inbox row as the handler sees it: the receiver's scheduling columns are internal.
 local function to_message(row)
@@ -640,7 +648,7 @@ function Bus:wait_reply(id, timeout)
   end
   local deadline = timeout and core.now() + timeout
   local _, lerr, lcode = listen_on(self, "reply")
-  if lerr and lcode ~= "closed" and lcode ~= "connection" then return nil, lerr, lcode end
+  if lerr and not lost(lcode) then return nil, lerr, lcode end
   -- the connection whose session holds the wait: register again on a new one, in
   -- case a listener forgot the wait while this bus was away longer than its grace
   local held
@@ -655,14 +663,14 @@ function Bus:wait_reply(id, timeout)
       rows, err, code = run(self, "take_reply", id)
       if rows and rows[1] then return to_message(rows[1]) end
     end
-    if not rows and code ~= "closed" and code ~= "connection" then return nil, err, code end
+    if not rows and not lost(code) then return nil, err, code end
     if deadline and core.now() >= deadline then
       run(self, "wait_del", id)
       return timed_out(("no reply to %s"):format(id))
     end
     local ok
     ok, err, code = wait_event(self, deadline, RECHECK)
-    if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
+    if not ok and not lost(code) then return nil, err, code end
   end
 end
 
@@ -697,7 +705,7 @@ local function listen_once(self, handler, limit)
   local conn, err, code = conn_of(self)
   if not conn then return nil, 0, err, code end
   local rows
-  rows, err, code = conn:script("begin; select " .. MESSAGE_COLUMNS .. " from msgbus.claim()")
+  rows, err, code = conn:script(CLAIM)
   if not rows then
     if conn:ok() then conn:exec("rollback") end
     return nil, 0, err, code
@@ -709,7 +717,7 @@ local function listen_once(self, handler, limit)
       local more = n + 1 < limit and not self.closed
       -- the id comes from the database, in canonical form: safe to inline
       local sql = ("select msgbus.done('%s'); commit"):format(msg.id)
-      rows, err, code = conn:script(more and sql .. "; begin; select " .. MESSAGE_COLUMNS .. " from msgbus.claim()" or sql)
+      rows, err, code = conn:script(more and sql .. "; " .. CLAIM or sql)
       if rows and conn:txstatus() == (more and "intrans" or "idle") then
         n = n + 1
         if not more then return "handled", n end
@@ -770,7 +778,7 @@ local function listen_batch_in(self, handler, limit, b)
     return nil, e, c or "closed"
   end
   local rows
-  rows, err, code = conn:script(("begin; select " .. MESSAGE_COLUMNS .. " from msgbus.claim_batch(%d)"):format(limit))
+  rows, err, code = conn:script(CLAIM_BATCH:format(limit))
   if not rows then return abort(err, code) end
   local done, failed = {}, {}
   local tried = 0
@@ -984,7 +992,7 @@ function Bus:listen(handler, opts)
     error("msgbus: listen cannot be called inside a transaction", 2)
   end
   local _, lerr, lcode = listen_on(self, "inbox")
-  if lerr and lcode ~= "closed" and lcode ~= "connection" then return nil, lerr, lcode end
+  if lerr and not lost(lcode) then return nil, lerr, lcode end
   local count = 0
   local single = 0 -- messages to hand out one transaction each after a failed batch commit
   self.vacuumed_at = self.vacuumed_at or core.now()
@@ -1050,10 +1058,10 @@ function Bus:listen(handler, opts)
         end
         local ok
         ok, err, code = wait_event(self, wait_until)
-        if not ok and code ~= "closed" and code ~= "connection" then return nil, err, code end
+        if not ok and not lost(code) then return nil, err, code end
       end
     else
-      if code ~= "closed" and code ~= "connection" then return nil, err, code end
+      if not lost(code) then return nil, err, code end
       local ok
       ok, err, code = reconnect(self, idle_deadline)
       if not ok then
