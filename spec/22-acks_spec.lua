@@ -16,27 +16,19 @@ local function set_batched(svc, peer, on)
   env.exec(svc, "update msgbus.peers set batched_acks = $2 where service = $1", peer.service, on)
 end
 
--- Record the acks that arrive at `svc`: a trigger on its inbox that runs before
--- msgbus's own ("a_spy" sorts before "arrival"). Returns a function that gives the
--- rows so far by kind (hello, msgbus.ack, msgbus.acks), with how many messages they
--- name, and one that removes the trigger.
+-- Record the acks that arrive at `svc` (env.inbox_spy). Returns a function that gives
+-- the rows so far by kind (hello, msgbus.ack, msgbus.acks), with how many messages
+-- they name, one that gives the sizes of the msgbus.acks rows, and one that removes
+-- the trigger.
 local function spy_acks(svc)
-  local inbox = "msgbus.to_" .. svc.service
-  env.exec(svc, "create table if not exists public.ack_spy (kind text, n int)")
-  env.exec(svc, "truncate public.ack_spy")
-  env.exec(svc, ([[create or replace function public.ack_spy() returns trigger language plpgsql as $$
-    begin
+  local stop = env.inbox_spy(svc, "ack_spy", "kind text, n int", ([[
       if new.type = 'msgbus.ack' and new.reply = '%s' then
         insert into public.ack_spy values ('hello', 1);
       elsif new.type = 'msgbus.ack' then
         insert into public.ack_spy values (new.type, 1);
       elsif new.type = 'msgbus.acks' then
         insert into public.ack_spy values (new.type, jsonb_array_length(new.data -> 'ids'));
-      end if;
-      return new;
-    end $$]]):format(NIL_UUID))
-  env.exec(svc, ("create trigger a_spy before insert on %s for each row execute function public.ack_spy()"):format(inbox))
-  env.exec(svc, ("alter table %s enable always trigger a_spy"):format(inbox))
+      end if;]]):format(NIL_UUID))
   local function seen()
     return env.exec(svc, [[select kind, count(*)::int8 as rows, sum(n)::int8 as messages
                              from public.ack_spy group by kind order by kind]])
@@ -47,9 +39,6 @@ local function spy_acks(svc)
       out[#out + 1] = r.n
     end
     return out
-  end
-  local function stop()
-    env.exec(svc, ("drop trigger a_spy on %s"):format(inbox))
   end
   return seen, sizes, stop
 end

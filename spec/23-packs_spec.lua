@@ -7,31 +7,18 @@ local env = require "helpers.env"
 
 local NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
--- Count the rows that arrive at `svc`'s inbox by type, with a trigger that runs
--- before msgbus's own ("a_spy" sorts before "arrival"; it also sees the messages a
--- pack is unpacked into). Returns a function that gives the counts, and one that
--- removes the trigger.
+-- Count the rows that arrive at `svc`'s inbox by type (env.inbox_spy, which also
+-- sees the messages a pack is unpacked into). Returns a function that gives the
+-- counts, and one that removes the trigger.
 local function spy_types(svc)
-  local inbox = "msgbus.to_" .. svc.service
-  env.exec(svc, "create table if not exists public.type_spy (type text)")
-  env.exec(svc, "truncate public.type_spy")
-  env.exec(svc, ("drop trigger if exists a_spy on %s"):format(inbox))
-  env.exec(svc, [[create or replace function public.type_spy() returns trigger language plpgsql as $$
-    begin
-      insert into public.type_spy values (new.type);
-      return new;
-    end $$]])
-  env.exec(svc, ("create trigger a_spy before insert on %s for each row execute function public.type_spy()"):format(inbox))
-  env.exec(svc, ("alter table %s enable always trigger a_spy"):format(inbox))
+  local stop = env.inbox_spy(svc, "type_spy", "type text", "insert into public.type_spy values (new.type);")
   return function()
     local counts = {}
     for _, r in ipairs(env.exec(svc, "select type, count(*)::int8 as n from public.type_spy group by type")) do
       counts[r.type] = r.n
     end
     return counts
-  end, function()
-    env.exec(svc, ("drop trigger a_spy on %s"):format(inbox))
-  end
+  end, stop
 end
 
 local function subscription(of, from)

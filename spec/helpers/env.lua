@@ -93,6 +93,22 @@ function env.outbox_count(svc, peer)
                     peer.service)
 end
 
+-- A trigger on `svc`'s inbox that runs before msgbus's own ("a_spy" sorts before
+-- "arrival"; enabled always, so the apply worker runs it too) and records each row
+-- that arrives into public.<name> (`columns`, which starts empty) with the PL/pgSQL
+-- statements `body`. Returns a function that removes the trigger.
+function env.inbox_spy(svc, name, columns, body)
+  local inbox = "msgbus.to_" .. svc.service
+  env.exec(svc, ("create table if not exists public.%s (%s)"):format(name, columns))
+  env.exec(svc, ("truncate public.%s"):format(name))
+  env.exec(svc, ("drop trigger if exists a_spy on %s"):format(inbox))
+  env.exec(svc, ("create or replace function public.%s() returns trigger language plpgsql as $$\n"
+    .. "begin\n%s\nreturn new;\nend $$"):format(name, body))
+  env.exec(svc, ("create trigger a_spy before insert on %s for each row execute function public.%s()"):format(inbox, name))
+  env.exec(svc, ("alter table %s enable always trigger a_spy"):format(inbox))
+  return function() env.exec(svc, ("drop trigger a_spy on %s"):format(inbox)) end
+end
+
 -- One row arriving in `svc`'s inbox from `from`, written as the apply worker writes
 -- it (session_replication_role = replica), in a transaction of its own: type `mtype`,
 -- `reply` a UUID or nil, `data` JSON text or nil (the column's default, {}). Returns
