@@ -79,6 +79,7 @@ revoke all on function msgbus.message_count(text, jsonb) from public;
 create or replace function msgbus.valid_message(type text, reply uuid, data jsonb) returns boolean
 language plpgsql immutable set search_path = pg_catalog, pg_temp as $$
 declare
+    bad integer;
     n integer;
 begin
     if type = 'msgbus.ack' then
@@ -98,12 +99,12 @@ begin
             raise exception 'msgbus: invalid message type % in a pack', coalesce(quote_literal(data ->> 'type'), 'null')
                 using errcode = '23514', constraint = 'messages_type';
         end if;
-        select count(*) into n
-          from jsonb_array_elements(data -> 'ids') i
-         where jsonb_typeof(i) <> 'string'
-            or i #>> '{}' !~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$';
-        if n > 0 or (select count(distinct i) from jsonb_array_elements(data -> 'ids') i)
-                    <> jsonb_array_length(data -> 'ids') then
+        select count(*) filter (where jsonb_typeof(i) <> 'string'
+                                   or i #>> '{}' !~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'),
+               count(distinct i)
+          into bad, n
+          from jsonb_array_elements(data -> 'ids') i;
+        if bad > 0 or n <> jsonb_array_length(data -> 'ids') then
             raise exception 'msgbus: the ids of a pack must be distinct UUIDs in lower case'
                 using errcode = '23514', constraint = 'messages_data';
         end if;
@@ -349,12 +350,6 @@ declare
     unpacked bigint;
     ptype text;
     pwhy text;
-    pids jsonb;
-    pdata jsonb;
-    psender text;
-    psent timestamptz;
-    pnot_before timestamptz;
-    pexpires timestamptz;
 begin
     if current_setting('session_replication_role') <> 'replica' then
         if current_setting('msgbus.redeliver', true) = 'on' then
@@ -480,17 +475,12 @@ begin
         -- one statement: ids that are not UUIDs name no message (dropped, as a
         -- message without an id); the first of a repeated id counts; a message that
         -- fails validation goes to the dead letters; one seen before is dropped.
+        -- (the type is read here once: the statement below uses it for every message)
         ptype := new.data ->> 'type';
         if jsonb_typeof(new.data -> 'type') is distinct from 'string'
            or ptype !~ '^[A-Za-z][A-Za-z0-9_.:-]{0,62}$' or starts_with(ptype, 'msgbus.') then
             pwhy := 'invalid type';
         end if;
-        pids := new.data -> 'ids';
-        psender := new.sender;
-        psent := new.sent_at;
-        pnot_before := new.not_before;
-        pexpires := new.expires_at;
-        pdata := new.data -> 'data';
         perform set_config('msgbus.unpacking', 'on', true);
         -- (A plain insert into msgbus.seen, for the ids it did not have when the
         -- statement began: one apply worker brings a sender's messages, and an id
@@ -506,22 +496,23 @@ begin
                    not exists (select 1 from msgbus.seen s where s.id = x.id) as fresh
               from (select distinct on (y.id) y.id, y.data, y.n
                       from (select i::uuid as id, d as data, n
-                              from rows from (jsonb_array_elements_text(pids), jsonb_array_elements(pdata))
+                              from rows from (jsonb_array_elements_text(new.data -> 'ids'),
+                                        jsonb_array_elements(new.data -> 'data'))
                                    with ordinality as r(i, d, n)
                              where i ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$') y
                      order by y.id, y.n) x),
         dead as (
             insert into msgbus.dead_letters (id, reply, sender, receiver, type, data, sent_at, received_at, attempts, reason)
-            select e.id, null, psender, me, coalesce(ptype, 'msgbus.pack'), e.data, psent, now(), 0, e.why
+            select e.id, null, new.sender, me, coalesce(ptype, 'msgbus.pack'), e.data, new.sent_at, now(), 0, e.why
               from e where e.why is not null
             on conflict (id) do nothing),
         seen as (
             insert into msgbus.seen (id, sender)
-            select e.id, psender from e where e.why is null and e.fresh)
+            select e.id, new.sender from e where e.why is null and e.fresh)
         insert into msgbus.messages (id, sender, receiver, type, data, sent_at, not_before, expires_at,
                                      received_at, pos, available_at, attempts)
-        select e.id, psender, me, ptype, e.data, psent, pnot_before, pexpires,
-               now(), nextval('msgbus.inbox_pos'), greatest(now(), pnot_before), 0
+        select e.id, new.sender, me, ptype, e.data, new.sent_at, new.not_before, new.expires_at,
+               now(), nextval('msgbus.inbox_pos'), greatest(now(), new.not_before), 0
           from (select e.* from e where e.why is null and e.fresh order by e.n) e;
         get diagnostics unpacked = row_count;
         perform set_config('msgbus.unpacking', 'off', true);
