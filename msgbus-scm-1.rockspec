@@ -52,6 +52,7 @@ build = {
       ["msgbus.sql.012_batched_acks"] = "sql/012_batched_acks.sql",
       ["msgbus.sql.013_batch_arrival"] = "sql/013_batch_arrival.sql",
       ["msgbus.sql.014_packs"] = "sql/014_packs.sql",
+      ["msgbus.sql.015_pack_rows"] = "sql/015_pack_rows.sql",
     },
   },
 }

@@ -1,6 +1,7 @@
--- Packs (migration 014): send_many to a peer at version 14 travels as rows of up to
--- 1,000 messages, which the receiver's inbox trigger unpacks into the inbox rows
--- they would have been had they travelled alone.
+-- Packs (migrations 014 and 015): send_many to a peer at version 14 travels as rows
+-- of up to 1,000 messages. The receiver keeps a whole pack as one inbox row, which a
+-- batch hands out as its messages, and unpacks it into the inbox rows they would
+-- have been had they travelled alone when one message at a time is taken.
 local msgbus = require "msgbus"
 local core = require "msgbus.core"
 local env = require "helpers.env"
@@ -25,11 +26,23 @@ local function subscription(of, from)
   return ("msgbus_%s_to_%s"):format(from.service, of.service)
 end
 
--- Everything in `svc`'s inbox, in arrival order, as a handler would get it.
-local function drain(bus, n)
+-- Everything in `svc`'s inbox, in arrival order, as a handler would get it (batch:
+-- listen's, 50 unless given; false: one message a transaction).
+local function drain(bus, n, batch)
   local got = {}
-  assert.equal(n, bus:listen(function(m) got[#got + 1] = m end, { max = n, timeout = 30, batch = 50 }))
+  if batch == nil then batch = 50 end
+  assert.equal(n, bus:listen(function(m) got[#got + 1] = m end, { max = n, timeout = 30, batch = batch or nil }))
   return got
+end
+
+-- The rows of `svc`'s inbox by type, and the messages they hold.
+local function inbox_rows(svc)
+  local rows = {}
+  for _, r in ipairs(env.exec(svc, [[select type, count(*)::int8 as n, sum(msgbus.message_count(type, data))::int8 as m
+                                       from msgbus.inbox group by type]])) do
+    rows[r.type] = { r.n, r.m }
+  end
+  return rows
 end
 
 describe("packs", function()
@@ -61,19 +74,22 @@ describe("packs", function()
     assert.equal(2500, #ids)
     for _, id in ipairs(ids) do assert.is_true(sbus:wait_ack(id, 30)) end
     assert.equal(0, env.outbox_count(store, payments))
-    local got = drain(pbus, 2500)
+    -- three rows travelled, packs of 1,000, 1,000 and 500 messages, and wait in the
+    -- inbox as they came
+    assert.same({ ["msgbus.pack"] = { 3, 2500 } }, inbox_rows(payments))
+    local got = drain(pbus, 2500, 1000)
     unspy()
-    -- three rows travelled: packs of 1,000, 1,000 and 500 messages
-    assert.same({ ["msgbus.pack"] = 3, many = 2500 }, spy())
+    -- a batch took each pack whole: no message became a row of its own
+    assert.same({ ["msgbus.pack"] = 3 }, spy())
     for i, m in ipairs(got) do
       assert.equal(ids[i], m.id)
       assert.equal("many", m.type)
       assert.equal(store.service, m.sender)
       assert.same(list[i], m.data)
+      assert.equal(0, m.attempts)
+      assert.is_string(m.expires_at)
     end
-    assert.equal(2500, env.scalar(payments, [[select count(*)::int8 from msgbus.seen where sender = $1
-                                                and id = any($2::uuid[])]],
-                                  store.service, "{" .. table.concat(ids, ",") .. "}"))
+    assert.same({}, inbox_rows(payments))
   end)
 
   it("end a pack before it passes a megabyte of data", function()
@@ -85,7 +101,7 @@ describe("packs", function()
     local got = drain(pbus, 6)
     unspy()
     -- 400 KB each: the first megabyte ends after two, the second after five
-    assert.same({ ["msgbus.pack"] = 3, big = 6 }, spy())
+    assert.same({ ["msgbus.pack"] = 3 }, spy())
     for i, m in ipairs(got) do
       assert.equal(ids[i], m.id)
       assert.same(list[i], m.data)
@@ -200,6 +216,134 @@ describe("packs", function()
     assert.matches("malformed pack", tostring(err))
     assert.equal(1, env.scalar(payments, "select count(*)::int8 from msgbus.dead_letters where id = $1", bad))
     assert.equal(0, env.scalar(payments, "select count(*)::int8 from msgbus.inbox"))
+  end)
+
+  it("unpack in their place for a listener that takes one message at a time, or fewer than a pack", function()
+    -- a plain message, two packs (1,000 and 200), a plain message: the sender's order
+    -- must hold whichever way they are taken
+    local function send_all()
+      local want = {}
+      assert(sbus:transaction(function()
+        want[1] = assert(sbus:send(payments.service, "mixed", { i = 0 }))
+        local list = {}
+        for i = 1, 1200 do list[i] = { i = i } end
+        for i, id in ipairs(assert(sbus:send_many(payments.service, "mixed", list))) do want[i + 1] = id end
+        want[1202] = assert(sbus:send(payments.service, "mixed", { i = 1201 }))
+      end))
+      assert.is_true(sbus:wait_ack(want[1202], 30))
+      assert.same({ mixed = { 2, 2 }, ["msgbus.pack"] = { 2, 1200 } }, inbox_rows(payments))
+      return want
+    end
+    for _, batch in ipairs { false, 7, 1000 } do
+      local want = send_all()
+      local got = drain(pbus, 1202, batch)
+      for i, m in ipairs(got) do
+        assert.equal(want[i], m.id, ("batch %s, message %d"):format(tostring(batch), i))
+        assert.equal(i - 1, m.data.i)
+      end
+      assert.same({}, inbox_rows(payments))
+    end
+  end)
+
+  it("record a failed message of a pack and go on after it, each handled once", function()
+    pbus:exec("create table if not exists pack_effects (msg uuid primary key, i int)")
+    local list = {}
+    for i = 1, 10 do list[i] = { i = i } end
+    local ids = assert(sbus:send_many(payments.service, "flaky", list))
+    assert.is_true(sbus:wait_ack(ids[10], 30))
+    local calls, order, attempts = {}, {}, {}
+    assert.equal(10, pbus:listen(function(m)
+      calls[m.data.i] = (calls[m.data.i] or 0) + 1
+      order[#order + 1] = m.data.i
+      attempts[#attempts + 1] = m.attempts
+      assert(pbus:exec("insert into pack_effects values ($1, $2)", m.id, m.data.i))
+      if m.data.i == 4 and calls[4] == 1 then error("first attempt of 4 fails") end
+    end, { batch = 1000, max = 10, timeout = 10 }))
+    -- 1 to 3 committed with the attempt of 4; 4 came again, counted, before the rest
+    assert.same({ 1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10 }, order)
+    assert.same({ 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0 }, attempts)
+    assert.equal(10, env.scalar(payments, "select count(*)::int8 from pack_effects"))
+    assert.equal(0, env.scalar(payments, "select count(*)::int8 from pack_effects where msg <> all ($1::uuid[])",
+                               "{" .. table.concat(ids, ",") .. "}"))
+    assert.same({}, inbox_rows(payments))
+  end)
+
+  it("put at most 64 handlers that use the database in a batch, a pack's too", function()
+    local list = {}
+    for i = 1, 150 do list[i] = { i = i } end
+    local ids = assert(sbus:send_many(payments.service, "wide", list))
+    assert.is_true(sbus:wait_ack(ids[150], 30))
+    local tx, got = {}, {}
+    assert.equal(150, pbus:listen(function(m)
+      got[#got + 1] = m.data.i
+      local x = assert(pbus:exec("select txid_current()::text as x"))[1].x
+      tx[x] = (tx[x] or 0) + 1
+    end, { batch = 1000, max = 150, timeout = 5 }))
+    local sizes = {}
+    for _, n in pairs(tx) do sizes[#sizes + 1] = n end
+    table.sort(sizes)
+    assert.same({ 22, 64, 64 }, sizes)
+    for i = 1, 150 do assert.equal(i, got[i]) end
+    assert.same({}, inbox_rows(payments))
+  end)
+
+  it("dead-letter a stored pack's messages one by one when it expires", function()
+    local list = {}
+    for i = 1, 3 do list[i] = { i = i } end
+    local ids = assert(sbus:send_many(payments.service, "stale", list, { ttl = 0.5 }))
+    assert.is_true(sbus:wait_ack(ids[3], 30))
+    assert.same({ ["msgbus.pack"] = { 1, 3 } }, inbox_rows(payments))
+    env.wait_until(function()
+      return env.scalar(payments, "select count(*)::int8 from msgbus.inbox where expires_at < now()") == 1
+    end, 30, "the ttl to pass")
+    assert.equal(0, pbus:listen(function() error("an expired message was handed out") end,
+                                { batch = 1000, max = 1, timeout = 0 }))
+    local dead = env.exec(payments, [[select id::text, type, data::text, reason, sender from msgbus.dead_letters
+                                       where id = any ($1::uuid[]) order by id]], "{" .. table.concat(ids, ",") .. "}")
+    assert.equal(3, #dead)
+    for _, d in ipairs(dead) do
+      local i
+      for k, id in ipairs(ids) do if id == d.id then i = k end end
+      assert.same({ id = ids[i], type = "stale", data = ('{"i": %d}'):format(i), reason = "expired",
+                    sender = store.service }, d)
+    end
+    assert.same({}, inbox_rows(payments))
+  end)
+
+  it("unpack a pack on arrival when its first message was seen before (sent again after version 14 unpacked it)", function()
+    local sub = subscription(payments, store)
+    env.exec(payments, "alter subscription " .. sub .. " disable")
+    local ids = assert(sbus:send_many(payments.service, "again", { { i = 1 }, { i = 2 }, { i = 3 } }))
+    -- as version 14 leaves it: the ids it unpacked are in msgbus.seen
+    env.exec(payments, "insert into msgbus.seen (id, sender) values ($1, $2)", ids[1], store.service)
+    env.exec(payments, "alter subscription " .. sub .. " enable")
+    assert.is_true(sbus:wait_ack(ids[3], 30))
+    -- unpacked on arrival, the message seen before dropped
+    assert.same({ again = { 2, 2 } }, inbox_rows(payments))
+    local got = drain(pbus, 2)
+    assert.same({ ids[2], ids[3] }, { got[1].id, got[2].id })
+  end)
+
+  it("let SQL callers of claim_batch finish a pack's messages with done, fail and reply", function()
+    local ids = assert(sbus:send_many(payments.service, "bysql", { { i = 1 }, { i = 2 }, { i = 3 } }))
+    assert.is_true(sbus:wait_ack(ids[3], 30))
+    local c = assert(core.connect(payments.conninfo))
+    assert(c:exec("begin"))
+    local rows = assert(c:exec("select id::text as id from msgbus.claim_batch(10)"))
+    assert.same(ids, { rows[1].id, rows[2].id, rows[3].id })
+    -- a reply to the second, the first failed, the second done; the third left
+    assert(c:exec("select msgbus.reply($1, 'answer', '{\"a\": 2}')", ids[2]))
+    assert.is_false(assert(c:exec("select msgbus.fail($1, 'no', 5) as dead", ids[1]))[1].dead)
+    assert.is_true(assert(c:exec("select msgbus.done($1) as done", ids[2]))[1].done)
+    assert.is_false(assert(c:exec("select msgbus.done($1) as done", ids[2]))[1].done)
+    assert(c:exec("commit"))
+    c:close()
+    local left = env.exec(payments, "select id::text, attempts, last_error from msgbus.inbox order by pos")
+    assert.same({ { id = ids[1], attempts = 1, last_error = "no" }, { id = ids[3], attempts = 0 } }, left)
+    local r = assert(sbus:wait_reply(ids[2], 30))
+    assert.same({ a = 2 }, r.data)
+    local got = drain(pbus, 2, 1000)
+    assert.same({ ids[1], ids[3] }, { got[1].id, got[2].id })
   end)
 
   it("refuse a pack made by hand that is not one, at the sender, and insert nothing", function()
