@@ -309,6 +309,44 @@ describe("msgbus install, link, send, status, unlink", function()
     assert.equal(ids[2], msgbus.decode(got[1]).id)
   end)
 
+  it("tail and status show a pack that waits whole as its messages, and once unpacked too", function()
+    local bus = env.connect(s2)
+    local ids = assert(bus:send_many(s1.service, "packed", { { k = 1 }, { k = 2 }, { k = 3 } }))
+    assert.is_true(bus:wait_ack(ids[3], 30))
+    bus:close()
+    assert.same({ { type = "msgbus.pack", n = 1 } },
+      env.exec(s1, "select type, count(*)::int8 as n from msgbus.inbox group by type"))
+    local function tail_ids(...)
+      local code, out, err = msgbus_cmd { "tail", "--db", s1.conninfo, ... }
+      assert.equal(0, code, err)
+      local got = {}
+      for i, line in ipairs(lines(out)) do
+        local m = msgbus.decode(line)
+        assert.equal("packed", m.type)
+        assert.equal(s2.service, m.sender)
+        got[i] = m.id
+      end
+      return got
+    end
+    assert.same(ids, tail_ids())
+    assert.same({ ids[3] }, tail_ids("--limit", "1"))
+    local code, out = msgbus_cmd { "status", "--db", s1.conninfo, "--json" }
+    assert.equal(0, code)
+    assert.equal(3, msgbus.decode(out).inbox)
+    -- one message taken alone unpacks the pack into rows: the other two still show
+    local c = assert(core.connect(s1.conninfo))
+    assert(c:exec("begin"))
+    assert.equal(ids[1], assert(c:exec("select id::text as id from msgbus.claim()"))[1].id)
+    assert(c:exec("select msgbus.done($1)", ids[1]))
+    assert(c:exec("commit"))
+    c:close()
+    assert.same({ ids[2], ids[3] }, tail_ids())
+    assert.equal(2, count(s1, "msgbus.inbox where type = 'packed'"))
+    local b1 = env.connect(s1)
+    assert.equal(2, b1:listen(function() end, { max = 2, timeout = 5 }))
+    b1:close()
+  end)
+
   it("status exits 3 naming a disabled subscription", function()
     local sub = ("msgbus_%s_to_%s"):format(s2.service, s1.service)
     env.exec(s1, "alter subscription " .. sub .. " disable")

@@ -331,7 +331,7 @@ select receiver as peer, sum(msgbus.message_count(type, data))::int8 as depth,
 
 local STATUS_TOTALS = [[
 select msgbus.service() as service,
-       (select count(*) from msgbus.inbox)::int8 as inbox,
+       (select coalesce(sum(msgbus.message_count(type, data)), 0) from msgbus.inbox)::int8 as inbox,
        (select count(*) from msgbus.dead_letters)::int8 as dead_letters]]
 
 -- The service's state as one table (the --json shape), with the problems found.
@@ -513,10 +513,25 @@ local function running_xids(snapshot)
   return table.concat(list, ",")
 end
 
+-- The messages of inbox row `r`: itself, or those of a pack that waits whole
+-- (sql/015_pack_rows.sql), as they will be handed out.
+local function row_messages(r, into)
+  if r.type ~= "msgbus.pack" then
+    into[#into + 1] = r
+    return
+  end
+  for i, id in ipairs(r.data.ids) do
+    into[#into + 1] = { id = id, sender = r.sender, receiver = r.receiver, type = r.data.type,
+                        data = r.data.data[i], sent_at = r.sent_at, received_at = r.received_at,
+                        attempts = 0, pos = r.pos }
+  end
+end
+
 function commands.tail(args)
   local bus <close> = connect(args)
   local sql = tail_query(bus.service)
-  local last, running = -1, ""
+  -- (a pack's messages, once unpacked, have positions below zero)
+  local last, running = math.mininteger, ""
   local printed, printed_count = {}, 0
   -- Prints what is new; returns how many, or nil when the connection was lost
   -- while following (the next look reconnects, and so LISTENs again).
@@ -526,15 +541,21 @@ function commands.tail(args)
       if args.follow and (code == "closed" or code == "connection") then return nil end
       failure(err)
     end
-    local n = 0
+    local list = {}
     for _, r in ipairs(rows) do
-      if r.id and not printed[r.id] then
-        say(message_json(r))
-        printed[r.id] = r.pos
+      if r.id then row_messages(r, list) end
+      if r.pos and r.pos > last then last = r.pos end
+    end
+    -- --limit counts messages: the newest of them
+    local n, first = 0, limit and math.max(1, #list - limit + 1) or 1
+    for i = first, #list do
+      local m = list[i]
+      if not printed[m.id] then
+        say(message_json(m))
+        printed[m.id] = m.pos
         printed_count = printed_count + 1
         n = n + 1
       end
-      if r.pos and r.pos > last then last = r.pos end
     end
     running = running_xids(rows[1].snapshot)
     -- keep memory bounded: only recent ids can come back through `running`
