@@ -25,24 +25,42 @@ end
 
 describe("listen", function()
   -- batch sizes of the three workers: one message a transaction (claim), and a mix
-  -- of that with batches (claim_batch) on the same inbox
-  for _, batches in ipairs { { 1, 1, 1 }, { 1, 10, 64 } } do
-    it(("shares an inbox between processes: each message once, each sender in order (batch %s)")
-      :format(table.concat(batches, ", ")), function()
+  -- of that with batches (claim_batch) on the same inbox; with packs, every other 50
+  -- of a sender's messages go in one send_many (a pack that waits whole, which the
+  -- worker taking 1000 gets from its row and the others unpack)
+  for _, batches in ipairs { { 1, 1, 1 }, { 1, 10, 64 }, { 1, 10, 1000, packs = true } } do
+    it(("shares an inbox between processes: each message once, each sender in order (batch %s%s)")
+      :format(table.concat(batches, ", "), batches.packs and ", packs" or ""), function()
       local x, y, hub = env.linked({ "px", "py", "phub" }, { "a", "b", "c" })
       local hb = env.connect(hub)
       hb:exec("create table handled (msg uuid primary key, sender text, i int, worker int, seq bigserial)")
       local n = 200
       for _, s in ipairs { x, y } do
+        if batches.packs then
+          env.wait_until(function()
+            return env.scalar(s, "select packs from msgbus.peers where service = $1", hub.service)
+          end, 30, "the hub's hello")
+        end
         local b = env.connect(s)
         assert(b:transaction(function()
-          for i = 1, n do assert(b:send(hub.service, "work", { i = i })) end
+          for first = 1, n, 50 do
+            if batches.packs and first % 100 == 1 then
+              local list = {}
+              for i = first, first + 49 do list[#list + 1] = { i = i } end
+              assert(b:send_many(hub.service, "work", list))
+            else
+              for i = first, first + 49 do assert(b:send(hub.service, "work", { i = i })) end
+            end
+          end
         end))
         b:close()
       end
       env.wait_until(function()
-        return env.scalar(hub, "select count(*)::int8 from msgbus.inbox") == 2 * n
+        return env.scalar(hub, "select sum(msgbus.message_count(type, data))::int8 from msgbus.inbox") == 2 * n
       end, 60, "the messages to arrive")
+      if batches.packs then
+        assert.equal(4, env.scalar(hub, "select count(*)::int8 from msgbus.inbox where type = 'msgbus.pack'"))
+      end
       local workers = {}
       for w = 1, 3 do
         workers[w] = spawn(([[
