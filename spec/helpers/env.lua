@@ -109,6 +109,23 @@ function env.inbox_spy(svc, name, columns, body)
   return function() env.exec(svc, ("drop trigger a_spy on %s"):format(inbox)) end
 end
 
+-- `bus`:listen(opts) with a handler that uses the database (it asks for its
+-- transaction's id) and notes each message's data.i. Returns the sizes of the
+-- transactions the messages went through, smallest first, and the data.i in the
+-- order handled.
+function env.listen_tx_sizes(bus, opts)
+  local tx, got = {}, {}
+  assert(bus:listen(function(m)
+    got[#got + 1] = m.data.i
+    local x = assert(bus:exec("select txid_current()::text as x"))[1].x
+    tx[x] = (tx[x] or 0) + 1
+  end, opts))
+  local sizes = {}
+  for _, n in pairs(tx) do sizes[#sizes + 1] = n end
+  table.sort(sizes)
+  return sizes, got
+end
+
 -- One row arriving in `svc`'s inbox from `from`, written as the apply worker writes
 -- it (session_replication_role = replica), in a transaction of its own: type `mtype`,
 -- `reply` a UUID or nil, `data` JSON text or nil (the column's default, {}). Returns
