@@ -218,7 +218,7 @@ describe("packs", function()
     assert.equal(0, env.scalar(payments, "select count(*)::int8 from msgbus.inbox"))
   end)
 
-  it("unpack in their place for a listener that takes one message at a time, or fewer than a pack", function()
+  it("keep their place for a listener that takes one message at a time, or fewer than a pack", function()
     -- a plain message, two packs (1,000 and 200), a plain message: the sender's order
     -- must hold whichever way they are taken
     local function send_all()
@@ -243,6 +243,32 @@ describe("packs", function()
       end
       assert.same({}, inbox_rows(payments))
     end
+  end)
+
+  it("split for a batch smaller than the pack into packs of its size, in its place", function()
+    local list = {}
+    for i = 1, 20 do list[i] = { i = i } end
+    local ids
+    assert(sbus:transaction(function()
+      ids = assert(sbus:send_many(payments.service, "split", list))
+      ids[21] = assert(sbus:send(payments.service, "split", { i = 21 }))
+    end))
+    assert.is_true(sbus:wait_ack(ids[21], 30))
+    local got = {}
+    local function take(m) got[#got + 1] = m end
+    assert.equal(7, pbus:listen(take, { batch = 7, max = 7, timeout = 5 }))
+    -- the first of three packs (7, 7 and 6) went as the batch; the other two wait
+    -- as packs before the message sent after them
+    assert.same({ { type = "msgbus.pack", n = 7 }, { type = "msgbus.pack", n = 6 }, { type = "split", n = 1 } },
+      env.exec(payments, "select type, msgbus.message_count(type, data)::int8 as n from msgbus.inbox order by pos"))
+    -- a listener with a smaller batch splits those again (5 and 2, 5 and 1)
+    assert.equal(14, pbus:listen(take, { batch = 5, max = 14, timeout = 5 }))
+    assert.equal(21, #got)
+    for i, m in ipairs(got) do
+      assert.equal(ids[i], m.id)
+      assert.same({ i = i }, m.data)
+    end
+    assert.same({}, inbox_rows(payments))
   end)
 
   it("record a failed message of a pack and go on after it, each handled once", function()

@@ -17,17 +17,19 @@
 -- The messages of a stored pack are handed out by msgbus.claim_batch whole: a pack
 -- is a batch of its own, its messages made from the row (same ids, type, data,
 -- sent_at, not_before, expires_at as had they been unpacked), and msgbus.done_many
--- deletes the row when it is given all of their ids, in order. Whatever needs them
--- as rows unpacks the pack first (msgbus.unpack): claim, which hands out one message
--- at a time; claim_batch when the pack has more messages than the batch may take;
--- done_many when it is given only some of them (the batch stopped early); done and
--- fail when given one of them (reply only reads the pack's sender). A pack is
--- unpacked only when it is the oldest of its sender's inbox rows (the claims reach
--- it only then; done_many, fail and done only for a pack claim_batch handed out in
--- the same transaction), and its messages take positions below every position the
--- sequence gives (-1024 * the pack's position + their place in it, 1 to 1000), in
--- pack order: they keep their place before the sender's later messages, and
--- positions stay unique.
+-- deletes the row when it is given all of their ids, in order. A pack with more
+-- messages than the batch may take is split into packs of the batch's size
+-- (msgbus.split_pack), and the first of them is the batch. Whatever needs the
+-- messages as rows unpacks the pack first (msgbus.unpack): claim, which hands out
+-- one message at a time (and claim_batch(1)); done_many when it is given only some
+-- of them (the batch stopped early); done and fail when given one of them (reply
+-- only reads the pack's sender). A pack is split or unpacked only when it is the
+-- oldest of its sender's inbox rows (the claims reach it only then; done_many, fail
+-- and done only for a pack claim_batch handed out in the same transaction), and its
+-- messages take positions below every position the sequence gives (-1024 * the
+-- pack's position + their place in it, 1 to 1000; a part of a pack has its first
+-- message's), in pack order: they keep their place before the sender's later
+-- messages, and positions stay unique.
 --
 -- msgbus.acked (wait_ack) finds a message of a pack in an outbox with a GIN index on
 -- the packs' ids, which was on every partition of msgbus.messages: the inbox's
@@ -108,6 +110,15 @@ begin
     return not exists (select 1 from msgbus.seen s where s.id = (ids ->> 0)::uuid);
 end $$;
 
+-- The position of the first message of stored pack `p` once unpacked (see above): a
+-- pack that arrived has a position from the sequence, and its messages go to the
+-- 1,000 positions below -1024 times it; a part of a pack (msgbus.split_pack) has the
+-- position of its first message.
+create or replace function msgbus.pack_base(p msgbus.messages) returns bigint
+language sql immutable set search_path = pg_catalog, pg_temp as $$
+    select case when p.pos > 0 then p.pos * -1024 + 1 else p.pos end
+$$;
+
 -- The messages of stored pack `p` as inbox rows, in its place (see above), and the
 -- pack gone. Returns how many. An id already in the inbox is not inserted twice.
 create or replace function msgbus.unpack(p msgbus.messages) returns bigint
@@ -124,13 +135,14 @@ declare
     ptype constant text := pdata ->> 'type';
     pids constant jsonb := pdata -> 'ids';
     pmsgs constant jsonb := pdata -> 'data';
+    base constant bigint := msgbus.pack_base(p);
 begin
     -- the inbox trigger's WHEN clause skips these rows
     perform set_config('msgbus.unpacking', 'on', true);
     insert into msgbus.messages (id, sender, receiver, type, data, sent_at, not_before, expires_at,
                                  received_at, pos, available_at, attempts)
     select r.i::uuid, p.sender, p.receiver, ptype, r.d, p.sent_at, p.not_before, p.expires_at,
-           p.received_at, p.pos * -1024 + r.n, p.available_at, 0
+           p.received_at, base + r.n - 1, p.available_at, 0
       from rows from (jsonb_array_elements_text(pids), jsonb_array_elements(pmsgs))
            with ordinality as r(i, d, n)
      order by r.n
@@ -138,6 +150,40 @@ begin
     get diagnostics k = row_count;
     perform set_config('msgbus.unpacking', 'off', true);
     delete from msgbus.inbox where id = p.id and type = 'msgbus.pack';
+    return k;
+end $$;
+
+-- Stored pack `p` as packs of `size` messages (the last may have fewer), in its place:
+-- each has the position its first message would have unpacked, and an id of its own
+-- (a local row: msgbus.seen has the pack's). For a batch smaller than the pack, which
+-- then takes the first of them whole, as it takes a pack that fits: the messages do
+-- not become inbox rows (100,000 through listen { batch = 50 }: see the README's
+-- Performance). Returns how many packs.
+create or replace function msgbus.split_pack(p msgbus.messages, size integer) returns integer
+language plpgsql
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off set jit = off set plan_cache_mode = force_generic_plan
+as $$
+declare
+    k integer;
+    -- (taken out once, as in msgbus.unpack)
+    pdata constant jsonb := p.data;
+    ptype constant text := pdata ->> 'type';
+    pids constant jsonb := pdata -> 'ids';
+    pmsgs constant jsonb := pdata -> 'data';
+    base constant bigint := msgbus.pack_base(p);
+begin
+    delete from msgbus.inbox where id = p.id and type = 'msgbus.pack';
+    perform set_config('msgbus.unpacking', 'on', true);
+    insert into msgbus.messages (id, sender, receiver, type, data, sent_at, not_before, expires_at,
+                                 received_at, pos, available_at, attempts)
+    select gen_random_uuid(), p.sender, p.receiver, 'msgbus.pack',
+           jsonb_build_object('type', ptype, 'ids', jsonb_agg(r.i order by r.n), 'data', jsonb_agg(r.d order by r.n)),
+           p.sent_at, p.not_before, p.expires_at, p.received_at, base + min(r.n) - 1, p.available_at, 0
+      from rows from (jsonb_array_elements(pids), jsonb_array_elements(pmsgs)) with ordinality as r(i, d, n)
+     group by (r.n - 1) / size;
+    get diagnostics k = row_count;
+    perform set_config('msgbus.unpacking', 'off', true);
     return k;
 end $$;
 
@@ -195,8 +241,9 @@ begin
     end loop;
 end $$;
 
-revoke all on function msgbus.whole_pack(jsonb), msgbus.unpack(msgbus.messages), msgbus.claimed_pack(uuid),
-                       msgbus.expire() from public;
+revoke all on function msgbus.whole_pack(jsonb), msgbus.pack_base(msgbus.messages), msgbus.unpack(msgbus.messages),
+                       msgbus.split_pack(msgbus.messages, integer), msgbus.claimed_pack(uuid), msgbus.expire()
+    from public;
 
 -- One message: a stored pack that is the next is unpacked first.
 create or replace function msgbus.claim() returns setof msgbus.messages
@@ -231,8 +278,9 @@ end $$;
 
 -- Version 10's walk, and stored packs: a pack is a batch of its own (its size is in
 -- its data, which the walk does not read). Reached first, it is handed out whole when
--- it has at most n messages, else unpacked and the walk starts again; reached after
--- other candidates, it waits for the next batch and holds its sender's later ones.
+-- it has at most n messages, else split into packs of n (unpacked for n = 1) and the
+-- walk starts again; reached after other candidates, it waits for the next batch and
+-- holds its sender's later ones.
 create or replace function msgbus.claim_batch(n integer) returns setof msgbus.messages
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -255,6 +303,7 @@ declare
     pids jsonb;
     pmsgs jsonb;
     ptype text;
+    base bigint;
 begin
     if n is null or n < 1 or n > 1000 then
         raise exception 'msgbus: claim_batch takes from 1 to 1000 messages, not %', coalesce(n::text, 'null')
@@ -300,14 +349,20 @@ begin
                                        true);
                     ptype := pdata ->> 'type';
                     pmsgs := pdata -> 'data';
+                    base := msgbus.pack_base(p);
                     return query
                     select e.i::uuid, null::uuid, p.sender, p.receiver, ptype, e.d, p.sent_at,
-                           p.not_before, p.expires_at, p.received_at, p.pos * -1024 + e.n, p.available_at, 0,
+                           p.not_before, p.expires_at, p.received_at, base + e.n - 1, p.available_at, 0,
                            null::text
                       from rows from (jsonb_array_elements_text(pids), jsonb_array_elements(pmsgs))
                            with ordinality as e(i, d, n)
                      order by e.n;
                     return;
+                elsif n > 1 then
+                    -- packs of n, the first of which the next walk takes
+                    perform msgbus.split_pack(p, n);
+                    again := true;
+                    exit;
                 else
                     perform msgbus.unpack(p);
                     again := true;
