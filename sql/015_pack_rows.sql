@@ -8,11 +8,11 @@
 -- same rows take to replicate into a table without triggers.
 --
 -- A pack that is whole (a valid type; ids that are distinct lower-case UUIDs, the
--- first not seen before; data objects no deeper than a receiver decodes) is now stored as it
--- came: one inbox row of type msgbus.pack, deduplicated by its own id (which
--- msgbus.resend and a repaired slot send again unchanged) and acknowledged by it, as
--- before. Any other pack is unpacked on arrival as in version 14, so that its bad
--- messages go to the dead letters one by one.
+-- first not seen before; data objects no deeper than a receiver decodes) is now
+-- stored as it came: one inbox row of type msgbus.pack, deduplicated by its own id
+-- (which msgbus.resend and a repaired slot send again unchanged) and acknowledged by
+-- it, as before. Any other pack is unpacked on arrival as in version 14, so that its
+-- bad messages go to the dead letters one by one.
 --
 -- The messages of a stored pack are handed out by msgbus.claim_batch whole: a pack
 -- is a batch of its own, its messages made from the row (same ids, type, data,
@@ -40,6 +40,11 @@
 -- The inbox view shows a stored pack as its row; msgbus.message_count(type, data)
 -- counts its messages (status does). Expired packs go to the dead letters message by
 -- message, as "expired". The wire format is the same: senders need not know.
+--
+-- Measured with make bench (100,000 messages in one transaction, five runs): commit
+-- -> all in the inbox 0.29-0.30 s in four runs, 0.75 in one (2.4-3.0 s with version
+-- 14), -> all consumed with listen { batch = 1000 } 0.93-1.12 s (3.3-4.4 s), with
+-- batch = 50 3.2-3.5 s splitting (5.1-6.6 s).
 
 -- Locks first, in the order the apply worker takes them (see version 14).
 do $$
