@@ -1,7 +1,8 @@
 -- Packs (migrations 014 and 015): send_many to a peer at version 14 travels as rows
 -- of up to 1,000 messages. The receiver keeps a whole pack as one inbox row, which a
--- batch hands out as its messages, and unpacks it into the inbox rows they would
--- have been had they travelled alone when one message at a time is taken.
+-- batch hands out as its messages (a smaller batch first splits it into packs of its
+-- size), and unpacks it into the inbox rows they would have been had they travelled
+-- alone when one message at a time is taken.
 local msgbus = require "msgbus"
 local core = require "msgbus.core"
 local env = require "helpers.env"
