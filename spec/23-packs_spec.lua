@@ -272,6 +272,41 @@ describe("packs", function()
     assert.same({}, inbox_rows(payments))
   end)
 
+  it("keep a pack's id in msgbus.seen while any part of it waits, so that a copy is dropped", function()
+    local retention = env.scalar(payments, "select dedup_retention::text from msgbus.config")
+    env.exec(payments, "update msgbus.config set dedup_retention = '0 seconds'")
+    finally(function() env.exec(payments, "update msgbus.config set dedup_retention = $1::interval", retention) end)
+    local sub = subscription(payments, store)
+    env.exec(payments, "alter subscription " .. sub .. " disable")
+    local list = {}
+    for i = 1, 20 do list[i] = { i = i } end
+    local ids = assert(sbus:send_many(payments.service, "kept", list))
+    local pack = env.exec(store, "select id::text, data::text from msgbus.messages where receiver = $1 and type = 'msgbus.pack'",
+                          payments.service)[1]
+    env.exec(payments, "alter subscription " .. sub .. " enable")
+    assert.is_true(sbus:wait_ack(ids[20], 30))
+    local function seen() return env.scalar(payments, "select count(*)::int8 from msgbus.seen where id = $1", pack.id) end
+    -- a batch of 7 splits the pack and takes the first part; two parts wait
+    assert.equal(7, pbus:listen(function() end, { batch = 7, max = 7, timeout = 5 }))
+    env.exec(payments, "select msgbus.prune()")
+    assert.equal(1, seen())
+    -- a copy of the pack, as a repair's resend brings it, is dropped
+    local c = assert(core.connect(payments.conninfo))
+    assert(c:exec("begin"))
+    assert(c:exec("set local session_replication_role = replica"))
+    assert(c:exec(("insert into msgbus.to_%s (id, sender, receiver, type, data) values ($1, $2, $3, 'msgbus.pack', $4)")
+      :format(payments.service), pack.id, store.service, payments.service, pack.data))
+    assert(c:exec("commit"))
+    c:close()
+    assert.same({ ["msgbus.pack"] = { 2, 13 } }, inbox_rows(payments))
+    -- all of it handled: forgotten
+    local got = {}
+    assert.equal(13, pbus:listen(function(m) got[#got + 1] = m.data.i end, { batch = 7, max = 13, timeout = 5 }))
+    assert.same({ 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20 }, got)
+    env.exec(payments, "select msgbus.prune()")
+    assert.equal(0, seen())
+  end)
+
   it("record a failed message of a pack and go on after it, each handled once", function()
     pbus:exec("create table if not exists pack_effects (msg uuid primary key, i int)")
     local list = {}

@@ -527,6 +527,25 @@ begin
     return msgbus.send(to_whom, type, data, message);
 end $$;
 
+-- A pack's id in msgbus.seen is kept while the pack waits (a row with that id is in
+-- the inbox, as for every message), and also while any part of it waits once split
+-- or unpacked: those rows have the pack's received_at and a position below zero, and
+-- the seen row was written in the same transaction, with the same received_at.
+create or replace function msgbus.prune() returns bigint
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    n bigint;
+begin
+    perform msgbus.settle_early_acks();
+    delete from msgbus.seen s
+     where s.received_at < now() - (select dedup_retention from msgbus.config)
+       and not exists (select 1 from msgbus.inbox i where i.id = s.id)
+       and not exists (select 1 from msgbus.inbox i
+                        where i.sender = s.sender and i.pos < 0 and i.received_at = s.received_at);
+    get diagnostics n = row_count;
+    return n + msgbus.forget_orphaned_waits();
+end $$;
+
 -- The inbox trigger: a whole pack is stored as one row (version 15).
 create or replace function msgbus.on_arrival() returns trigger
 language plpgsql
