@@ -203,13 +203,7 @@ describe("packs", function()
     -- a row of type msgbus.pack that is not one is dead-lettered whole; redeliver
     -- refuses it
     local bad = env.scalar(payments, "select gen_random_uuid()::text")
-    local c = assert(core.connect(payments.conninfo))
-    assert(c:exec("begin"))
-    assert(c:exec("set local session_replication_role = replica"))
-    assert(c:exec(("insert into msgbus.to_%s (id, sender, receiver, type, data) values ($1, $2, $3, 'msgbus.pack', $4)")
-      :format(payments.service), bad, store.service, payments.service, '{"type": "x", "ids": [], "data": [{}]}'))
-    assert(c:exec("commit"))
-    c:close()
+    assert(env.arrive(payments, store, "msgbus.pack", nil, '{"type": "x", "ids": [], "data": [{}]}', bad))
     assert.equal("not a pack of messages",
       env.scalar(payments, "select reason from msgbus.dead_letters where id = $1", bad))
     local ok, err = pcall(env.exec, payments, "select msgbus.redeliver($1)", bad)
@@ -291,13 +285,7 @@ describe("packs", function()
     env.exec(payments, "select msgbus.prune()")
     assert.equal(1, seen())
     -- a copy of the pack, as a repair's resend brings it, is dropped
-    local c = assert(core.connect(payments.conninfo))
-    assert(c:exec("begin"))
-    assert(c:exec("set local session_replication_role = replica"))
-    assert(c:exec(("insert into msgbus.to_%s (id, sender, receiver, type, data) values ($1, $2, $3, 'msgbus.pack', $4)")
-      :format(payments.service), pack.id, store.service, payments.service, pack.data))
-    assert(c:exec("commit"))
-    c:close()
+    assert(env.arrive(payments, store, "msgbus.pack", nil, pack.data, pack.id))
     assert.same({ ["msgbus.pack"] = { 2, 13 } }, inbox_rows(payments))
     -- all of it handled: forgotten
     local got = {}

@@ -128,15 +128,19 @@ end
 
 -- One row arriving in `svc`'s inbox from `from`, written as the apply worker writes
 -- it (session_replication_role = replica), in a transaction of its own: type `mtype`,
--- `reply` a UUID or nil, `data` JSON text or nil (the column's default, {}). Returns
--- true, or nil and the error (rolled back).
-function env.arrive(svc, from, mtype, reply, data)
+-- `reply` a UUID or nil, `data` JSON text or nil (the column's default, {}), `id` a
+-- UUID or nil (the column's default). Returns true, or nil and the error (rolled
+-- back).
+function env.arrive(svc, from, mtype, reply, data, id)
   local c = assert(core.connect(svc.conninfo))
   assert(c:exec("begin"))
   assert(c:exec("set local session_replication_role = replica"))
-  local ok, err = c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply, data)"
-    .. " values ($1, $2, $3, $4::uuid, coalesce($5::jsonb, '{}'))"):format(svc.service),
-    from.service, svc.service, mtype, reply, data)
+  -- (the id as a sixth parameter only when given: exec sends every argument it gets)
+  local params = table.pack(from.service, svc.service, mtype, reply, data)
+  if id then params[6], params.n = id, 6 end
+  local ok, err = c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply, data, id)"
+    .. " values ($1, $2, $3, $4::uuid, coalesce($5::jsonb, '{}'), %s)"):format(svc.service, id and "$6::uuid" or "default"),
+    table.unpack(params, 1, params.n))
   assert(c:exec(ok and "commit" or "rollback"))
   c:close()
   return ok, err
