@@ -124,6 +124,31 @@ language sql immutable set search_path = pg_catalog, pg_temp as $$
     select case when p.pos > 0 then p.pos * -1024 + 1 else p.pos end
 $$;
 
+-- The messages of stored pack `p`, in order, as the inbox rows they would be unpacked:
+-- their ids, type and data, the pack's sender, times and availability, positions
+-- from its place. The parts of p.data are taken out into variables once: each use of
+-- p.data in a statement reads it from its compressed form, and each -> on it copies
+-- the part (a pack of a megabyte: 2.5 and 4.5 ms).
+create or replace function msgbus.pack_messages(p msgbus.messages) returns setof msgbus.messages
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+set enable_seqscan = off set jit = off set plan_cache_mode = force_generic_plan
+as $$
+declare
+    pdata constant jsonb := p.data;
+    ptype constant text := pdata ->> 'type';
+    pids constant jsonb := pdata -> 'ids';
+    pmsgs constant jsonb := pdata -> 'data';
+    base constant bigint := msgbus.pack_base(p);
+begin
+    return query
+    select r.i::uuid, null::uuid, p.sender, p.receiver, ptype, r.d, p.sent_at, p.not_before, p.expires_at,
+           p.received_at, base + r.n - 1, p.available_at, 0, null::text
+      from rows from (jsonb_array_elements_text(pids), jsonb_array_elements(pmsgs))
+           with ordinality as r(i, d, n)
+     order by r.n;
+end $$;
+
 -- The messages of stored pack `p` as inbox rows, in its place (see above), and the
 -- pack gone. Returns how many. An id already in the inbox is not inserted twice.
 create or replace function msgbus.unpack(p msgbus.messages) returns bigint
@@ -133,24 +158,11 @@ set enable_seqscan = off set jit = off set plan_cache_mode = force_generic_plan
 as $$
 declare
     k bigint;
-    -- The pack's parts taken out once, into variables: each use of p.data in a
-    -- statement reads it from its compressed form, and each -> on it copies the part
-    -- (a pack of a megabyte: 2.5 and 4.5 ms).
-    pdata constant jsonb := p.data;
-    ptype constant text := pdata ->> 'type';
-    pids constant jsonb := pdata -> 'ids';
-    pmsgs constant jsonb := pdata -> 'data';
-    base constant bigint := msgbus.pack_base(p);
 begin
     -- the inbox trigger's WHEN clause skips these rows
     perform set_config('msgbus.unpacking', 'on', true);
-    insert into msgbus.messages (id, sender, receiver, type, data, sent_at, not_before, expires_at,
-                                 received_at, pos, available_at, attempts)
-    select r.i::uuid, p.sender, p.receiver, ptype, r.d, p.sent_at, p.not_before, p.expires_at,
-           p.received_at, base + r.n - 1, p.available_at, 0
-      from rows from (jsonb_array_elements_text(pids), jsonb_array_elements(pmsgs))
-           with ordinality as r(i, d, n)
-     order by r.n
+    insert into msgbus.messages
+    select * from msgbus.pack_messages(p)
     on conflict (id, receiver) do nothing;
     get diagnostics k = row_count;
     perform set_config('msgbus.unpacking', 'off', true);
@@ -171,11 +183,6 @@ set enable_seqscan = off set jit = off set plan_cache_mode = force_generic_plan
 as $$
 declare
     k integer;
-    -- (taken out once, as in msgbus.unpack)
-    pdata constant jsonb := p.data;
-    ptype constant text := pdata ->> 'type';
-    pids constant jsonb := pdata -> 'ids';
-    pmsgs constant jsonb := pdata -> 'data';
     base constant bigint := msgbus.pack_base(p);
 begin
     delete from msgbus.inbox where id = p.id and type = 'msgbus.pack';
@@ -183,10 +190,11 @@ begin
     insert into msgbus.messages (id, sender, receiver, type, data, sent_at, not_before, expires_at,
                                  received_at, pos, available_at, attempts)
     select gen_random_uuid(), p.sender, p.receiver, 'msgbus.pack',
-           jsonb_build_object('type', ptype, 'ids', jsonb_agg(r.i order by r.n), 'data', jsonb_agg(r.d order by r.n)),
-           p.sent_at, p.not_before, p.expires_at, p.received_at, base + min(r.n) - 1, p.available_at, 0
-      from rows from (jsonb_array_elements(pids), jsonb_array_elements(pmsgs)) with ordinality as r(i, d, n)
-     group by (r.n - 1) / size;
+           jsonb_build_object('type', m.type, 'ids', jsonb_agg(m.id order by m.pos),
+                              'data', jsonb_agg(m.data order by m.pos)),
+           p.sent_at, p.not_before, p.expires_at, p.received_at, min(m.pos), p.available_at, 0
+      from msgbus.pack_messages(p) m
+     group by m.type, (m.pos - base) / size;
     get diagnostics k = row_count;
     perform set_config('msgbus.unpacking', 'off', true);
     return k;
@@ -221,20 +229,16 @@ set plan_cache_mode = force_generic_plan
 as $$
 declare
     gone msgbus.messages;
-    pdata jsonb;
 begin
     -- the partial index on expires_at holds only messages sent with a ttl
     for gone in select * from msgbus.inbox where expires_at < now() for update skip locked loop
         delete from msgbus.inbox where id = gone.id;
         if gone.type = 'msgbus.pack' then
-            -- (read once, as in msgbus.unpack)
-            pdata := gone.data;
             insert into msgbus.dead_letters (id, reply, sender, receiver, type, data, sent_at, received_at,
                                              attempts, last_error, reason)
-            select r.i::uuid, null, gone.sender, gone.receiver, p.t, r.d, gone.sent_at,
-                   gone.received_at, 0, null, 'expired'
-              from (select pdata ->> 'type' as t, pdata -> 'ids' as ids, pdata -> 'data' as msgs) p,
-                   rows from (jsonb_array_elements_text(p.ids), jsonb_array_elements(p.msgs)) as r(i, d)
+            select m.id, m.reply, m.sender, m.receiver, m.type, m.data, m.sent_at, m.received_at,
+                   m.attempts, m.last_error, 'expired'
+              from msgbus.pack_messages(gone) m
             on conflict (id) do nothing;
         else
             insert into msgbus.dead_letters (id, reply, sender, receiver, type, data, sent_at, received_at,
@@ -246,7 +250,8 @@ begin
     end loop;
 end $$;
 
-revoke all on function msgbus.whole_pack(jsonb), msgbus.pack_base(msgbus.messages), msgbus.unpack(msgbus.messages),
+revoke all on function msgbus.whole_pack(jsonb), msgbus.pack_base(msgbus.messages),
+                       msgbus.pack_messages(msgbus.messages), msgbus.unpack(msgbus.messages),
                        msgbus.split_pack(msgbus.messages, integer), msgbus.claimed_pack(uuid), msgbus.expire()
     from public;
 
@@ -305,10 +310,6 @@ declare
     skipped boolean;
     again boolean;
     pdata jsonb;
-    pids jsonb;
-    pmsgs jsonb;
-    ptype text;
-    base bigint;
 begin
     if n is null or n < 1 or n > 1000 then
         raise exception 'msgbus: claim_batch takes from 1 to 1000 messages, not %', coalesce(n::text, 'null')
@@ -343,25 +344,16 @@ begin
                     held := held || r.sender;
                     continue;
                 end if;
-                -- the pack's parts taken out once, as in msgbus.unpack (p.data in the
-                -- select list below would be read once for every message)
+                -- its data out of its compressed form once: for the size here, and in
+                -- the record for pack_messages, split_pack or unpack below
                 pdata := p.data;
-                pids := pdata -> 'ids';
-                if jsonb_array_length(pids) <= n then
+                p.data := pdata;
+                if jsonb_array_length(pdata -> 'ids') <= n then
                     -- done_many, done, fail and reply find its messages by this
                     perform set_config('msgbus.claimed_packs',
                                        concat_ws(',', nullif(current_setting('msgbus.claimed_packs', true), ''), p.pos),
                                        true);
-                    ptype := pdata ->> 'type';
-                    pmsgs := pdata -> 'data';
-                    base := msgbus.pack_base(p);
-                    return query
-                    select e.i::uuid, null::uuid, p.sender, p.receiver, ptype, e.d, p.sent_at,
-                           p.not_before, p.expires_at, p.received_at, base + e.n - 1, p.available_at, 0,
-                           null::text
-                      from rows from (jsonb_array_elements_text(pids), jsonb_array_elements(pmsgs))
-                           with ordinality as e(i, d, n)
-                     order by e.n;
+                    return query select * from msgbus.pack_messages(p);
                     return;
                 elsif n > 1 then
                     -- packs of n, the first of which the next walk takes
