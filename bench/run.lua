@@ -672,6 +672,11 @@ local function count(ci, rel)
   return sql(ci, "select count(*)::int8 as n from " .. rel)[1].n
 end
 
+-- The messages in `rel` (an outbox or the inbox): a pack counts its messages.
+local function messages(ci, rel)
+  return sql(ci, "select coalesce(sum(msgbus.message_count(type, data)), 0)::int8 as n from " .. rel)[1].n
+end
+
 -- 3 and 5: a batch of n messages in one transaction, sent with bus:send_many, MANY a
 -- call, with a no-op listener running that handles them with listen { batch = batch }
 -- (BATCH unless given).
@@ -740,13 +745,9 @@ local function msgbus_batch(n, stops, deadline, batch)
     l.p:close()
     children[l.pid] = nil
     res.gave_up = core.now() - tc
-    res.n_acked = n - sql(store.conninfo, [[select coalesce(sum(msgbus.message_count(type, data)), 0)::int8 as n
-                                              from msgbus.to_payments]])[1].n
-    -- (packs that wait whole count their messages)
-    local waiting = sql(payments.conninfo, [[select coalesce(sum(msgbus.message_count(type, data)), 0)::int8 as n
-                                               from msgbus.inbox]])[1].n
+    res.n_acked = n - messages(store.conninfo, "msgbus.to_payments")
     res.n_consumed = marks[#marks] and marks[#marks].count or 0
-    res.n_delivered = res.n_consumed + waiting
+    res.n_delivered = res.n_consumed + messages(payments.conninfo, "msgbus.inbox")
     res.after, res.settled = snapshot(), false
   end
   return res
