@@ -170,15 +170,18 @@ out("done", i)
 
 -- Listens on A.conninfo until A.stop exists and a listen call found nothing to do
 -- for A.idle seconds. Prints "listen_error code message" for every listen call that
--- failed (then listens again), and "handled n" at the end.
+-- failed (then listens again), and "handled n" at the end. With A.fail_rate, that
+-- share of the handler calls raise after their writes (seeded with A.seed).
 local LISTENER = [[
 local bus = connect(A.conninfo, { max_attempts = A.max_attempts })
+math.randomseed(A.seed or 1)
 local function handler(m)
   local _, n = assert(bus:exec(
     "insert into handled (msg, sender, i) values ($1, $2, $3) on conflict (msg) do nothing",
     m.id, m.sender, m.data.i))
   if n == 0 then assert(bus:exec("insert into dupes (msg) values ($1)", m.id)) end
   if A.slow > 0 then core.sleep(A.slow) end
+  if A.fail_rate and math.random() < A.fail_rate then error("a failure by chance") end
 end
 local total = 0
 while true do
@@ -698,6 +701,77 @@ describe("faults #fault", function()
     assert.equal(0, fault.apply_errors(r, s))
     assert.equal(0, fault.apply_errors(s, r))
     assert.same({}, fault.log_errors(s, r, logs))
+  end)
+
+  -- Packs (send_many), transactions of many and single messages keep arriving from
+  -- two senders while three listening processes share the inbox, each taking another
+  -- number of messages a transaction: one at a time (a pack is unpacked), a few (a pack
+  -- is split) or whole packs. Handlers fail by chance after their writes; every time
+  -- the receiver has handled 250 more, a listener is killed -9 (a new one, with the
+  -- next batch size, takes its place) or its connection is terminated.
+  it("listeners of mixed batch sizes, killed, cut off and failing while packs stream in: each once, in order", function()
+    local children, stop_s, stop_l = {}, os.tmpname(), os.tmpname()
+    os.remove(stop_s); os.remove(stop_l)
+    local s, r, logs, _, s2 = fresh({ "fk9s", "fk9r", "fk9t" }, children, { stop_s, stop_l })
+    fault.prepare_receiver(r)
+    for _, x in ipairs { s, s2 } do
+      env.wait_until(function()
+        return env.scalar(x, "select packs from msgbus.peers where service = $1", r.service)
+      end, 30, "the receiver's hello")
+    end
+    local batches = { 1, 7, 1000, 3, 50, 2, 1000, 1 }
+    local listeners, started = {}, 0
+    local function start_listener()
+      started = started + 1
+      local l = spawn("listener " .. started, LISTENER, { conninfo = r.conninfo .. " application_name=fault_mixed",
+        stop = stop_l, idle = 1.0, slow = 0, max_attempts = 1000, batch = batches[(started - 1) % #batches + 1],
+        fail_rate = 0.02, seed = started })
+      children[#children + 1], listeners[#listeners + 1] = l, l
+    end
+    for _ = 1, 3 do start_listener() end
+    local senders = {}
+    for k, x in ipairs { s, s2 } do
+      children[#children + 1] = spawn("sender " .. k, SENDER, { conninfo = x.conninfo, receiver = r.service,
+        stop = stop_s, max = 3000, batch = 50, batch_every = 3, pace = 0.01 })
+      senders[k] = children[#children]
+    end
+    local function sending() return senders[1]:alive() or senders[2]:alive() end
+    local kills, cuts, mark = 0, 0, 0
+    while sending() or mark < 5000 do
+      mark = mark + 250
+      assert(env.poll(function() return fault.handled(r) >= mark or (not sending() and mark > 5000) end, 60),
+        "the listeners stopped handling")
+      if (kills + cuts) % 2 == 0 then
+        local victim = table.remove(listeners, 1)
+        victim:kill()
+        assert(env.poll(function() return not victim:alive() end, 10), victim.name .. " survived kill -9")
+        kills = kills + 1
+        start_listener()
+      else
+        local pid = backend_of(r, "fault_mixed")
+        if pid and env.scalar(r, "select pg_terminate_backend($1)", pid) then cuts = cuts + 1 end
+      end
+    end
+    local sent, sent2 = stop_after(senders, stop_s, 0)
+    local settled = settle({ s, s2 }, r, 120)
+    touch(stop_l)
+    local codes = {}
+    for _, l in ipairs(listeners) do
+      local lres = parse_listener(l:finish(60))
+      for code, n in pairs(lres.error_codes) do codes[code] = (codes[code] or 0) + n end
+      for _, line in ipairs(lres.errors) do
+        assert.is_truthy(line:match("^listen_error (%S+)") == "connection" or line:match("^listen_error (%S+)") == "closed",
+          l.name .. ": " .. line)
+      end
+    end
+    local c = fault.check("mixed listeners", { { s, sent }, { s2, sent2 } }, r)
+    print(("  [mixed listeners] %d + %d sent, %d listeners killed -9, %d connections terminated; listen errors: %s")
+      :format(sent.n_confirmed, sent2.n_confirmed, kills, cuts, fault.codes_text(codes)))
+    assert.is_true(settled, "not everything was acknowledged and handled within 120 s")
+    assert.equal(6000, sent.n_confirmed + sent2.n_confirmed)
+    assert.is_true(kills >= 5 and cuts >= 5, "too few faults")
+    fault.assert_promise(c)
+    assert.same({}, fault.log_errors(s, r, s2, logs))
   end)
 
   it("a poison message goes to the dead letters after max_attempts; the rest go on; redeliver brings it back", function()
