@@ -165,11 +165,13 @@ describe("msgbus between two servers", function()
     assert.is_true(calls == 1 or calls == 2, ("msgbus.acked ran %d times, not 1 or 2"):format(calls))
   end)
 
+  -- The channels a bus's session listens on, in order, space-separated.
+  local function channels(bus)
+    return assert(bus:exec([[select coalesce(string_agg(c, ' ' order by c), '') as c
+                               from pg_listening_channels() c]]))[1].c
+  end
+
   it("listens only once it waits, on what it waits for, and again after a reconnect", function()
-    local function channels(bus)
-      return assert(bus:exec([[select coalesce(string_agg(c, ' ' order by c), '') as c
-                                 from pg_listening_channels() c]]))[1].c
-    end
     local ch = "msgbus_" .. store.service
     local b = env.connect(store)
     -- a bus that only sends is not woken by its service's notifications
@@ -197,6 +199,48 @@ describe("msgbus between two servers", function()
     local e = env.connect(store)
     assert.equal("integer", math.type(e:pollfd()))
     assert.equal(ch, channels(e))
+    e:close()
+  end)
+
+  -- Every ack of a service notifies each bus of it that listens for acks; libpq keeps
+  -- what it reads with a statement's answer until the bus next waits.
+  it("keeps no notifications while it only sends, and stops listening for acks after 1,000 went by", function()
+    local x, y = env.linked({ "nsend", "nrecv" }, { "a", "b" })
+    local b = env.connect(x)
+    local ch = "msgbus_" .. x.service .. "_ack"
+    assert.is_true(b:wait_ack(assert(b:send(y.service, "first", {})), 20))
+    assert.equal(ch, channels(b))
+    local kept = 0
+    for i = 1, 1100 do
+      assert(b:send(y.service, "bulk", { i = i }))
+      kept = math.max(kept, #b.conn:queued())
+    end
+    assert.equal(0, kept)
+    env.wait_until(function() return outbox_count(x, y) == 0 end, 60, "the acks")
+    -- (the acks' last notifications come with this answer)
+    assert(b:exec("select 1"))
+    assert.equal("", channels(b))
+    -- wait_ack listens again, and an ack ends it as before
+    assert.is_true(b:wait_ack(assert(b:send(y.service, "again", {})), 20))
+    assert.equal(ch, channels(b))
+    b:close()
+  end)
+
+  it("answers bus:timeout() with 0 when a statement read a notification that the socket will not tell", function()
+    local x, y = env.linked({ "nevs", "nevr" }, { "a", "b" })
+    local e = env.connect(y)
+    assert.equal("integer", math.type(e:pollfd()))
+    assert.is_nil(e:timeout())
+    local sb = env.connect(x)
+    assert.is_true(sb:wait_ack(assert(sb:send(y.service, "tick", {})), 20))
+    sb:close()
+    -- the inbox's notification reaches e's socket, and this statement reads it there
+    assert.equal(1, assert(e:exec("select count(*)::int8 as n from msgbus.inbox"))[1].n)
+    assert.equal(0, e:timeout())
+    local got
+    assert.equal(1, e:step(function(m) got = m.type end))
+    assert.equal("tick", got)
+    assert.is_nil(e:timeout())
     e:close()
   end)
 

@@ -388,6 +388,19 @@ static int conn_notifications(lua_State *L)
 	return 1;
 }
 
+/*
+ * conn:queued() -> array of the notifications libpq has read already, along with the
+ * answers of statements, without reading the socket (they will not make it readable
+ * again); they leave libpq's list, which nothing else empties between waits.
+ */
+static int conn_queued(lua_State *L)
+{
+	Conn *c = conn_check(L, 1);
+	lua_newtable(L);
+	conn_drain(L, c);
+	return 1;
+}
+
 static int conn_socket(lua_State *L)
 {
 	Conn *c = conn_check(L, 1);
@@ -585,6 +598,7 @@ static const luaL_Reg conn_methods[] = {
 	{"run", conn_run},
 	{"wait", conn_wait},
 	{"notifications", conn_notifications},
+	{"queued", conn_queued},
 	{"socket", conn_socket},
 	{"ok", conn_ok},
 	{"txstatus", conn_txstatus},
