@@ -226,6 +226,28 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
+  it("keeps no pile of notifications while its inbox never runs empty", function()
+    local x, y = env.linked({ "nfeed", "nbusy" }, { "a", "b" })
+    local sx, ly = env.connect(x), env.connect(y)
+    assert(sx:transaction(function()
+      for i = 1, 300 do assert(sx:send(y.service, "work", { i = i })) end
+    end))
+    env.wait_until(function() return env.scalar(y, "select count(*)::int8 from msgbus.inbox") == 300 end, 30, "the backlog")
+    -- each message handled brings another, one transaction each: 2,000 notifications
+    -- of new messages while the backlog stays about 300
+    local n = 0
+    assert.equal(2000, ly:listen(function()
+      n = n + 1
+      assert(sx:send(y.service, "work", { i = 300 + n }))
+    end, { max = 2000 }))
+    assert.is_true(env.scalar(y, "select count(*)::int8 from msgbus.inbox") > 0, "the inbox ran empty")
+    -- what the listener's connection holds now: at most those of its last run of
+    -- claims (500 messages), not all of them
+    local held = #assert(ly.conn:notifications())
+    assert.is_true(held < 1000, ("the connection holds %d notifications"):format(held))
+    sx:close(); ly:close()
+  end)
+
   it("answers bus:timeout() with 0 when a statement read a notification that the socket will not tell", function()
     local x, y = env.linked({ "nevs", "nevr" }, { "a", "b" })
     local e = env.connect(y)

@@ -1081,6 +1081,11 @@ function Bus:listen(handler, opts)
     end
     if what == "handled" or what == "failed" then
       idle_deadline = timeout and core.now() + timeout
+      -- it claims again right away: what arrived meanwhile is seen without the
+      -- notifications libpq read, which would otherwise pile up for as long as the
+      -- inbox never runs empty (only the wait reads them). Not when it ran empty:
+      -- one that came with the last answers is what ends the wait.
+      absorb(self)
     elseif what == "empty" then
       single = 0
       if (self.consumed or 0) >= VACUUM_IDLE then
