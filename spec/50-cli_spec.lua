@@ -364,6 +364,34 @@ describe("msgbus install, link, send, status, unlink", function()
     wait_healthy(s1)
   end)
 
+  it("status exits 3 naming a session that listens and does not read its notifications", function()
+    wait_healthy(s1)
+    local code, out = status(s1, "--json")
+    assert.equal(0, code, out)
+    assert.same({}, msgbus.decode(out).unread_sessions)
+    assert.equal("number", type(msgbus.decode(out).notify_queue_usage))
+    -- a connection that listens, then is left alone (as a bus that waited once and
+    -- is no longer used): its server blocks writing to it once the socket is full
+    local idle = assert(core.connect(s1.conninfo))
+    assert(idle:exec("listen msgbus_spec_unread"))
+    local pid = idle:backend_pid()
+    env.exec(s1, [[select pg_notify('msgbus_spec_unread', repeat('x', 7990) || g)
+                     from generate_series(1, 3000) g]])
+    env.wait_until(function()
+      return env.scalar(s1, "select wait_event from pg_stat_activity where pid = $1", pid) == "ClientWrite"
+    end, 30, "the listening session to block")
+    local tcode, text = status(s1)
+    code, out = status(s1, "--json")
+    idle:close()
+    assert.equal(3, tcode)
+    assert.matches("do not read their notifications hold back the server's notification queue", text, 1, true)
+    assert.matches("pid " .. pid .. " (a bus that waited once", text, 1, true)
+    assert.equal(3, code)
+    assert.same({ pid }, msgbus.decode(out).unread_sessions)
+    -- once it is closed, the queue drains and the service is healthy again
+    wait_healthy(s1)
+  end)
+
   it("repair leaves intact links alone, and rebuilds a missing slot and resends what it had", function()
     local code, out = msgbus_cmd { "repair", "--db", s1.conninfo }
     assert.equal(0, code)

@@ -329,10 +329,19 @@ select receiver as peer, sum(msgbus.message_count(type, data))::int8 as depth,
    and not exists (select 1 from msgbus.early_acks e where e.id = messages.id)
  group by receiver]]
 
+-- A session that listens and then stops reading its connection (a bus kept open
+-- unused after it waited: every ack and arrival of the service notifies it) leaves
+-- its server blocked writing to it, idle, once the socket's buffers are full; the
+-- server's notification queue cannot shrink past it from then on, and NOTIFY, which
+-- every arrival runs, fails once the queue is full (8 GB by default). The sessions
+-- of other roles show only to a role with pg_read_all_stats.
 local STATUS_TOTALS = [[
 select msgbus.service() as service,
        (select coalesce(sum(msgbus.message_count(type, data)), 0) from msgbus.inbox)::int8 as inbox,
-       (select count(*) from msgbus.dead_letters)::int8 as dead_letters]]
+       (select count(*) from msgbus.dead_letters)::int8 as dead_letters,
+       pg_notification_queue_usage()::float8 as notify_queue_usage,
+       (select coalesce(string_agg(pid::text, ',' order by pid), '') from pg_stat_activity
+         where datname = current_database() and state = 'idle' and wait_event = 'ClientWrite') as unread]]
 
 -- The service's state as one table (the --json shape), with the problems found.
 -- PostgreSQL starts a new subscription's worker within wal_retrieve_retry_interval
@@ -344,11 +353,20 @@ local function collect_status(bus, max_ack_age)
   local totals = exec(bus, STATUS_TOTALS)[1]
   local outboxes = {}
   for _, r in ipairs(exec(bus, STATUS_OUTBOXES)) do outboxes[r.peer] = r end
+  local unread = json_array {}
+  for pid in totals.unread:gmatch("%d+") do unread[#unread + 1] = math.tointeger(tonumber(pid)) end
   local status = {
     service = totals.service, inbox = totals.inbox, dead_letters = totals.dead_letters,
+    notify_queue_usage = totals.notify_queue_usage, unread_sessions = unread,
     max_ack_age = max_ack_age, peers = json_array {}, problems = json_array {},
   }
   local problems = status.problems
+  if #unread > 0 then
+    problems[#problems + 1] = ("sessions that do not read their notifications hold back the server's notification"
+      .. " queue (%.4f %% full; NOTIFY, which every arrival runs, fails when it is full): pid %s"
+      .. " (a bus that waited once and is not used now: close it)")
+      :format(totals.notify_queue_usage * 100, (totals.unread:gsub(",", ", ")))
+  end
   local function problem(peer, fmt, ...)
     problems[#problems + 1] = peer .. ": " .. fmt:format(...)
   end
