@@ -968,7 +968,11 @@ function Bus:step(handler, opts)
     local conn = self.conn
     self.unseen = nil
     local notes = conn and conn:ok() and conn:notifications()
-    if not notes or #notes == 0 then return total end
+    if not notes or #notes == 0 then
+      -- what absorb dropped meanwhile came before its last claim, which found nothing
+      self.noted = nil
+      return total
+    end
   end
 end
 
