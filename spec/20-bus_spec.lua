@@ -226,6 +226,22 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
+  it("stops listening for replies after 1,000 went by since its last wait_reply, and listens again to wait", function()
+    local b = env.connect(store)
+    local ch = "msgbus_" .. store.service .. "_reply"
+    local _, _, code = b:wait_reply("00000000-0000-4000-8000-000000000001", 0.01)
+    assert.equal("timeout", code)
+    assert.equal(ch, channels(b))
+    -- 1,100 notifications on the channel, as 1,100 replies to the service would send
+    env.exec(store, "select pg_notify($1, g::text) from generate_series(1, 1100) g", ch)
+    env.wait_until(function() return channels(b) == "" end, 20, "the bus to stop listening for replies")
+    assert.equal(0, #b.conn:queued())
+    _, _, code = b:wait_reply("00000000-0000-4000-8000-000000000001", 0.01)
+    assert.equal("timeout", code)
+    assert.equal(ch, channels(b))
+    b:close()
+  end)
+
   it("keeps no pile of notifications while its inbox never runs empty", function()
     local x, y = env.linked({ "nfeed", "nbusy" }, { "a", "b" })
     local sx, ly = env.connect(x), env.connect(y)

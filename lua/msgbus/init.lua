@@ -241,7 +241,7 @@ function M.connect(conninfo, opts)
     wait_grace = wait_grace + 0.0,
     max_data_bytes = opts.max_data_bytes or 8 * 1024 * 1024,
     wants = {},  -- the channels (keys of self.channels) to LISTEN on
-    acks_dropped = 0,  -- see absorb
+    dropped = { ack = 0, reply = 0 },  -- see absorb
     depth = 0,
     closed = false,
   }, Bus)
@@ -352,31 +352,41 @@ end
 -- list of its own, and a bus reads that list only while it waits. On a bus that
 -- listens for acks (it called wait_ack once), every ack of its service, not only of
 -- its own messages, would pile up there for as long as it only sends (about 100
--- bytes each, measured). So the calls that do not wait drop them after their
--- statements, outside a transaction, and note what they dropped: an ack, and the
--- next wait_ack asks before it waits (self.unseen is forgotten); anything else, and
--- bus:timeout() answers 0, so that an event loop steps at once (the socket will not
--- tell it). A bus that dropped ACK_UNLISTEN acks since it last waited for one stops
+-- bytes each, measured); so would every reply on one that called wait_reply. So
+-- the calls that do not wait drop them after their statements, outside a
+-- transaction, and note what they dropped: an ack, and the next wait_ack asks
+-- before it waits (self.unseen is forgotten); new messages, and bus:timeout()
+-- answers 0, so that an event loop steps at once (the socket will not tell it). A
+-- bus that dropped UNLISTEN_AFTER acks (replies) since it last waited for one stops
 -- listening for them, which also spares its session a wake-up for each (15 to 40 µs
 -- of server CPU, and 5 to 10 of its own, a notification, measured); wait_ack
--- listens again.
-local ACK_UNLISTEN = 1000
+-- (wait_reply) listens again. It never stops listening for new messages: an event
+-- loop waits for them on the socket.
+local UNLISTEN_AFTER = 1000
 
 local function absorb(self)
   local conn = self.conn
   if self.depth > 0 or not conn or not conn:ok() then return end
   local notes = conn:queued()
-  local acks = 0
+  if #notes == 0 then return end
+  local ch, dropped = self.channels, self.dropped
   for i = 1, #notes do
-    if notes[i].channel == self.channels.ack then acks = acks + 1 else self.noted = true end
+    local c = notes[i].channel
+    if c == ch.ack then
+      dropped.ack = dropped.ack + 1
+      self.unseen = nil
+    elseif c == ch.reply then
+      dropped.reply = dropped.reply + 1
+    else
+      self.noted = true
+    end
   end
-  if acks == 0 then return end
-  self.unseen = nil
-  self.acks_dropped = self.acks_dropped + acks
-  if self.acks_dropped >= ACK_UNLISTEN and self.listening.ack and conn:txstatus() == "idle" then
-    self.acks_dropped = 0
-    if conn:exec("unlisten " .. conn:escape_identifier(self.channels.ack)) then
-      self.listening.ack, self.wants.ack = nil, nil
+  for key, n in pairs(dropped) do
+    if n >= UNLISTEN_AFTER and self.listening[key] and conn:txstatus() == "idle" then
+      dropped[key] = 0
+      if conn:exec("unlisten " .. conn:escape_identifier(ch[key])) then
+        self.listening[key], self.wants[key] = nil, nil
+      end
     end
   end
 end
@@ -635,7 +645,7 @@ function Bus:wait_ack(id, timeout)
     error("msgbus: wait_ack cannot be called inside a transaction (the message is not sent until it commits)", 2)
   end
   local deadline = timeout and core.now() + timeout
-  self.acks_dropped = 0
+  self.dropped.ack = 0
   -- a lost connection is taken up by the loop, whose reconnect listens again
   local _, lerr, lcode = listen_on(self, "ack")
   if lerr and not lost(lcode) then return nil, lerr, lcode end
@@ -689,6 +699,7 @@ function Bus:wait_reply(id, timeout)
     error("msgbus: wait_reply cannot be called inside a transaction", 2)
   end
   local deadline = timeout and core.now() + timeout
+  self.dropped.reply = 0
   local _, lerr, lcode = listen_on(self, "reply")
   if lerr and not lost(lcode) then return nil, lerr, lcode end
   -- the connection whose session holds the wait: register again on a new one, in
