@@ -1096,10 +1096,11 @@ function Bus:listen(handler, opts)
     end
     if what == "handled" or what == "failed" then
       idle_deadline = timeout and core.now() + timeout
-      -- it claims again right away: what arrived meanwhile is seen without the
-      -- notifications libpq read, which would otherwise pile up for as long as the
-      -- inbox never runs empty (only the wait reads them). Not when it ran empty:
-      -- one that came with the last answers is what ends the wait.
+      -- the notifications libpq read with the answers would pile up for as long as
+      -- the inbox never runs empty (only the wait reads them): drop them. Nothing is
+      -- lost: a session gets its notifications between transactions, so each one
+      -- read with an answer came before that statement, which saw its message; and
+      -- listen claims again right away. (After an empty claim, the wait reads them.)
       absorb(self)
     elseif what == "empty" then
       single = 0
