@@ -365,7 +365,7 @@ local function collect_status(bus, max_ack_age)
     problems[#problems + 1] = ("sessions that do not read their notifications hold back the server's notification"
       .. " queue (%.4f %% full; NOTIFY, which every arrival runs, fails when it is full): pid %s"
       .. " (a bus that waited once and is not used now: close it)")
-      :format(totals.notify_queue_usage * 100, (totals.unread:gsub(",", ", ")))
+      :format(totals.notify_queue_usage * 100, table.concat(unread, ", "))
   end
   local function problem(peer, fmt, ...)
     problems[#problems + 1] = peer .. ": " .. fmt:format(...)
