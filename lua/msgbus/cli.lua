@@ -601,12 +601,20 @@ function commands.tail(args)
     -- short waits, so that an interrupt is noticed promptly
     local wait = math.min(left or 1, 1)
     local conn, got = bus.conn, nil
-    if not stale and conn and conn:ok() then got = conn:wait(wait) end
+    if bus.noted then
+      -- a notification came in with a look's answer, and the bus dropped it there:
+      -- the socket will not tell of it again, and it may be of a commit after that
+      -- look's snapshot (libpq parses what came after the answer in the same read)
+      got = {}
+    elseif not stale and conn and conn:ok() then
+      got = conn:wait(wait)
+    end
     if not got then
       stale = true
       core.sleep(wait)
     end
-    if stale or #got > 0 then
+    if stale or #got > 0 or bus.noted then
+      bus.noted = nil
       local n = look(nil)
       stale = n == nil
       if n and n > 0 and timeout then deadline = core.now() + timeout end
