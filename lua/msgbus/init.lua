@@ -1098,9 +1098,10 @@ function Bus:listen(handler, opts)
       idle_deadline = timeout and core.now() + timeout
       -- the notifications libpq read with the answers would pile up for as long as
       -- the inbox never runs empty (only the wait reads them): drop them. Nothing is
-      -- lost: a session gets its notifications between transactions, so each one
-      -- read with an answer came before that statement, which saw its message; and
-      -- listen claims again right away. (After an empty claim, the wait reads them.)
+      -- lost: a notification is sent once its transaction committed, and listen
+      -- claims again right away, after it. (One may come after the answer it was read
+      -- with, in the same read of the socket, so a caller that waits on the socket
+      -- next must not drop them: after an empty claim, the wait reads them.)
       absorb(self)
     elseif what == "empty" then
       single = 0
