@@ -242,6 +242,52 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
+  -- Notifications sent while the UNLISTEN is on its way come with its answer. The
+  -- test puts one there: the bus's connection is wrapped so that, just before the
+  -- UNLISTEN goes out, another session notifies the channel and the test waits until
+  -- the notification is at the bus's socket.
+  it("keeps none of the notifications that come with its UNLISTEN's answer", function()
+    local uv = require "luv"
+    local function readable(fd)
+      local poll, timer, ok = uv.new_poll(fd), uv.new_timer(), false
+      poll:start("r", function() ok = true; poll:stop(); timer:stop() end)
+      timer:start(20000, 0, function() poll:stop() end)
+      uv.run()
+      poll:close(); timer:close(); uv.run("nowait")
+      return ok
+    end
+    local b = env.connect(store)
+    local ch = "msgbus_" .. store.service .. "_reply"
+    local _, _, code = b:wait_reply("00000000-0000-4000-8000-000000000001", 0.01)
+    assert.equal("timeout", code)
+    assert.equal(ch, channels(b))
+    local real, unlistens = b.conn, 0
+    b.conn = setmetatable({}, { __index = function(_, k)
+      if k == "exec" then
+        return function(_, sql, ...)
+          if sql:match("^unlisten ") then
+            unlistens = unlistens + 1
+            env.exec(store, "select pg_notify($1, 'late')", ch)
+            assert.is_true(readable(real:socket()), "the late notification to reach the bus")
+          end
+          return real:exec(sql, ...)
+        end
+      end
+      local f = real[k]
+      return function(_, ...) return f(real, ...) end
+    end })
+    -- one notification short of the count, then the one that makes the next call unlisten
+    b.dropped.reply = 999
+    env.exec(store, "select pg_notify($1, 'last')", ch)
+    assert.is_true(readable(real:socket()), "the notification to reach the bus")
+    assert(b:exec("select 1"))
+    assert.equal(1, unlistens)
+    assert.equal(0, #real:queued())
+    b.conn = real
+    assert.equal("", channels(b))
+    b:close()
+  end)
+
   it("keeps no pile of notifications while its inbox never runs empty", function()
     local x, y = env.linked({ "nfeed", "nbusy" }, { "a", "b" })
     local sx, ly = env.connect(x), env.connect(y)

@@ -368,26 +368,32 @@ local function absorb(self)
   local conn = self.conn
   if self.depth > 0 or not conn or not conn:ok() then return end
   local notes = conn:queued()
-  if #notes == 0 then return end
   local ch, dropped = self.channels, self.dropped
-  for i = 1, #notes do
-    local c = notes[i].channel
-    if c == ch.ack then
-      dropped.ack = dropped.ack + 1
-      self.unseen = nil
-    elseif c == ch.reply then
-      dropped.reply = dropped.reply + 1
-    else
-      self.noted = true
-    end
-  end
-  for key, n in pairs(dropped) do
-    if n >= UNLISTEN_AFTER and self.listening[key] and conn:txstatus() == "idle" then
-      dropped[key] = 0
-      if conn:exec("unlisten " .. conn:escape_identifier(ch[key])) then
-        self.listening[key], self.wants[key] = nil, nil
+  while #notes > 0 do
+    for i = 1, #notes do
+      local c = notes[i].channel
+      if c == ch.ack then
+        dropped.ack = dropped.ack + 1
+        self.unseen = nil
+      elseif c == ch.reply then
+        dropped.reply = dropped.reply + 1
+      else
+        self.noted = true
       end
     end
+    local unlistened = false
+    for key, n in pairs(dropped) do
+      if n >= UNLISTEN_AFTER and self.listening[key] and conn:txstatus() == "idle" then
+        dropped[key] = 0
+        unlistened = true
+        if conn:exec("unlisten " .. conn:escape_identifier(ch[key])) then
+          self.listening[key], self.wants[key] = nil, nil
+        end
+      end
+    end
+    if not (unlistened and conn:ok()) then break end
+    -- UNLISTEN's answer may come with notifications too (sent before it took effect)
+    notes = conn:queued()
   end
 end
 
