@@ -242,49 +242,133 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
-  -- Notifications sent while the UNLISTEN is on its way come with its answer. The
-  -- test puts one there: the bus's connection is wrapped so that, just before the
-  -- UNLISTEN goes out, another session notifies the channel and the test waits until
-  -- the notification is at the bus's socket.
-  it("keeps none of the notifications that come with its UNLISTEN's answer", function()
+  -- Until `fd` is readable (true), or 20 s went by (false).
+  local function readable(fd)
     local uv = require "luv"
-    local function readable(fd)
-      local poll, timer, ok = uv.new_poll(fd), uv.new_timer(), false
-      poll:start("r", function() ok = true; poll:stop(); timer:stop() end)
-      timer:start(20000, 0, function() poll:stop() end)
-      uv.run()
-      poll:close(); timer:close(); uv.run("nowait")
-      return ok
-    end
+    local poll, timer, ok = uv.new_poll(fd), uv.new_timer(), false
+    poll:start("r", function() ok = true; poll:stop(); timer:stop() end)
+    timer:start(20000, 0, function() poll:stop() end)
+    uv.run()
+    poll:close(); timer:close(); uv.run("nowait")
+    return ok
+  end
+
+  -- Wraps a bus's connection: hooks[name](real, ...) runs in place of
+  -- conn:name(...). Returns the function that puts the connection back.
+  local function wrap(bus, hooks)
+    local real = bus.conn
+    bus.conn = setmetatable({}, { __index = function(_, k)
+      local f = hooks[k] or real[k]
+      return function(_, ...) return f(real, ...) end
+    end })
+    return function() bus.conn = real end
+  end
+
+  -- Notifications sent while the UNLISTEN is on its way come with its answer. The
+  -- test puts one there: just before the UNLISTEN goes out, another session notifies
+  -- the channel and the test waits until the notification is at the bus's socket.
+  it("keeps none of the notifications that come with its UNLISTEN's answer", function()
     local b = env.connect(store)
     local ch = "msgbus_" .. store.service .. "_reply"
     local _, _, code = b:wait_reply("00000000-0000-4000-8000-000000000001", 0.01)
     assert.equal("timeout", code)
     assert.equal(ch, channels(b))
-    local real, unlistens = b.conn, 0
-    b.conn = setmetatable({}, { __index = function(_, k)
-      if k == "exec" then
-        return function(_, sql, ...)
-          if sql:match("^unlisten ") then
-            unlistens = unlistens + 1
-            env.exec(store, "select pg_notify($1, 'late')", ch)
-            assert.is_true(readable(real:socket()), "the late notification to reach the bus")
-          end
-          return real:exec(sql, ...)
-        end
+    local unlistens = 0
+    local restore = wrap(b, { exec = function(real, sql, ...)
+      if sql:match("^unlisten ") then
+        unlistens = unlistens + 1
+        env.exec(store, "select pg_notify($1, 'late')", ch)
+        assert.is_true(readable(real:socket()), "the late notification to reach the bus")
       end
-      local f = real[k]
-      return function(_, ...) return f(real, ...) end
+      return real:exec(sql, ...)
     end })
     -- one notification short of the count, then the one that makes the next call unlisten
     b.dropped.reply = 999
     env.exec(store, "select pg_notify($1, 'last')", ch)
-    assert.is_true(readable(real:socket()), "the notification to reach the bus")
+    assert.is_true(readable(b.conn:socket()), "the notification to reach the bus")
     assert(b:exec("select 1"))
     assert.equal(1, unlistens)
-    assert.equal(0, #real:queued())
-    b.conn = real
+    assert.equal(0, #b.conn:queued())
+    restore()
     assert.equal("", channels(b))
+    b:close()
+  end)
+
+  -- Every ack of a service notifies each of its buses that wait: a bus asks the
+  -- server whether its message was acked only when a notification may be its ack's.
+  it("asks after an ack only when the ack may be its message's", function()
+    local x, y = env.linked({ "wake", "wakr" }, { "a", "b" })
+    local b = env.connect(x)
+    assert.is_true(b:wait_ack(assert(b:send(y.service, "first", {})), 30))
+    -- the message stays in the outbox until the test applies its ack by hand
+    local sub = ("msgbus_%s_to_%s"):format(x.service, y.service)
+    env.exec(y, "alter subscription " .. sub .. " disable")
+    local asks, waits, id = 0, 0, nil
+    local restore = wrap(b, {
+      run = function(real, name, ...)
+        if name == "acked" then asks = asks + 1 end
+        return real:run(name, ...)
+      end,
+      wait = function(real, ...)
+        waits = waits + 1
+        if waits > 2 then return real:wait(...) end
+        local others = { env.scalar(x, "select gen_random_uuid()::text"), env.scalar(x, "select gen_random_uuid()::text") }
+        local c = assert(core.connect(x.conninfo))
+        assert(c:exec("begin"))
+        assert(c:exec("set local session_replication_role = replica"))
+        -- as the apply worker writes acks: first a transaction with another
+        -- message's ack, which names that one; then one with another's and this one's,
+        -- whose second only an unnamed notification tells
+        assert(c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply)"
+          .. " select $1, $2, 'msgbus.ack', r::uuid from unnest($3::text[]) with ordinality u(r, n) order by n"):format(x.service),
+          y.service, x.service, waits == 1 and ("{%s}"):format(others[1])
+                                           or ("{%s,%s}"):format(others[2], id)))
+        assert(c:exec("commit"))
+        c:close()
+        assert.is_true(readable(real:socket()), "the ack's notification to reach the bus")
+        return real:wait(...)
+      end,
+    })
+    id = assert(b:send(y.service, "held", {}))
+    assert.is_true(b:wait_ack(id, 30))
+    restore()
+    -- it waited, woke on the other message's ack and waited again without asking,
+    -- then woke on the unnamed one and asked once
+    assert.equal(2, waits)
+    assert.equal(1, asks)
+    assert.equal(0, outbox_count(x, y))
+    env.exec(y, "alter subscription " .. sub .. " enable")
+    b:close()
+  end)
+
+  -- On a loaded machine the whole way to the receiver and back can fit between the
+  -- server's answer to a send and the client's read of it, and libpq then parses the
+  -- ack's notification with the answer. The test puts it there: the send's answer
+  -- is read, the ack applied by hand, and one more statement reads its notification.
+  it("wait_ack asks at once when the ack's notification came with its send's answer", function()
+    local x, y = env.linked({ "wcame", "wcamr" }, { "a", "b" })
+    local b = env.connect(x)
+    assert.is_true(b:wait_ack(assert(b:send(y.service, "first", {})), 30))
+    local sub = ("msgbus_%s_to_%s"):format(x.service, y.service)
+    env.exec(y, "alter subscription " .. sub .. " disable")
+    local waits = 0
+    local restore = wrap(b, {
+      run = function(real, name, ...)
+        local rows, err, code = real:run(name, ...)
+        if name == "send" and rows then
+          assert(env.arrive(x, y, "msgbus.ack", rows[1].id))
+          assert.is_true(readable(real:socket()), "the ack's notification to reach the bus")
+          assert(real:exec("select 1"))
+        end
+        return rows, err, code
+      end,
+      wait = function(real, ...) waits = waits + 1; return real:wait(...) end,
+    })
+    local id = assert(b:send(y.service, "held", {}))
+    assert.is_true(b:wait_ack(id, 30))
+    restore()
+    assert.equal(0, waits)
+    env.exec(y, "alter subscription " .. sub .. " enable")
     b:close()
   end)
 

@@ -364,17 +364,22 @@ end
 -- loop waits for them on the socket.
 local UNLISTEN_AFTER = 1000
 
-local function absorb(self)
+local function absorb(self, id)
   local conn = self.conn
-  if self.depth > 0 or not conn or not conn:ok() then return end
+  if self.depth > 0 or not conn or not conn:ok() then return false end
   local notes = conn:queued()
   local ch, dropped = self.channels, self.dropped
+  local hit = false
   while #notes > 0 do
     for i = 1, #notes do
       local c = notes[i].channel
       if c == ch.ack then
         dropped.ack = dropped.ack + 1
-        self.unseen = nil
+        -- (one that names another message is not the ack of self.unseen's: see
+        -- maybe_acked)
+        local p, unseen = notes[i].payload, self.unseen
+        if p == "" or p == id then hit = true end
+        if unseen and (p == "" or p == unseen.id) then self.unseen = nil end
       elseif c == ch.reply then
         dropped.reply = dropped.reply + 1
       else
@@ -395,6 +400,7 @@ local function absorb(self)
     -- UNLISTEN's answer may come with notifications too (sent before it took effect)
     notes = conn:queued()
   end
+  return hit
 end
 
 --- bus:exec(sql, ...) -> rows, affected | nil, err, code
@@ -487,12 +493,14 @@ local function send_one(self, receiver, mtype, json, reply, await, delay, ttl)
   local rows, err, code = run(self, await and "send_await" or "send", receiver, mtype, json, reply, delay, ttl)
   if not rows then return translate(err, code, receiver) end
   local id = rows[1].id
-  absorb(self)
   -- Committed on its own, on a connection that was listening for acks already: its
   -- ack's notification cannot have been missed, so wait_ack(id) may wait for it
-  -- before it asks (see wait_ack). Whatever reads notifications forgets this (the
-  -- ones read with this send's answer are not its ack's: that comes after).
-  if self.depth == 0 and self.listening.ack and self.conn:txstatus() == "idle" then
+  -- before it asks (see wait_ack), unless it came already: libpq parses what the
+  -- server sent right after an answer in the same read, and on a loaded machine the
+  -- whole way to the receiver and back can fit between the two. Whatever drops a
+  -- notification that may be its ack's forgets this.
+  local came = absorb(self, id)
+  if not came and self.depth == 0 and self.listening.ack and self.conn:txstatus() == "idle" then
     self.unseen = { id = id, conn = self.conn }
   end
   return id
@@ -638,6 +646,21 @@ local function named(notes, channel, id)
   return false
 end
 
+-- Whether a wake-up of wait_ack (without the notification that names its message)
+-- can mean that the message was acked: a timeout or a new connection (no
+-- notifications), or an ack notification without a name (the later acks of a
+-- transaction fold into one). A notification that names another message is a
+-- transaction whose first ack was that one, and whose others, if any, come as an
+-- unnamed one: without this, each bus of a service that waits would ask the server
+-- once for every ack of every other one.
+local function maybe_acked(notes, channel)
+  if not notes or #notes == 0 then return true end
+  for _, n in ipairs(notes) do
+    if n.channel == channel and n.payload == "" then return true end
+  end
+  return false
+end
+
 local function timed_out(what)
   return fail(what .. ": timeout", "timeout")
 end
@@ -659,9 +682,11 @@ function Bus:wait_ack(id, timeout)
   -- come unnoticed: wait for a notification first, which saves asking once.
   local unseen = self.unseen
   local ask = not (unseen and unseen.id == id and unseen.conn == self.conn and self.conn:ok())
+  local asked = core.now()
   while true do
     local rows, err, code
     if ask then
+      asked = core.now()
       rows, err, code = run(self, "acked", id)
       if rows then
         if rows[1].acked then return true end
@@ -672,13 +697,19 @@ function Bus:wait_ack(id, timeout)
         return timed_out(("no acknowledgement for %s"):format(id))
       end
     end
-    ask = true
     local ok, notes
     ok, notes, code = wait_event(self, deadline, RECHECK)
     if ok then
       if named(notes, self.channels.ack, id) then return true end
+      -- (and at least every RECHECK seconds, and once more at the deadline, while
+      -- other messages' acks keep it awake)
+      local now = core.now()
+      ask = maybe_acked(notes, self.channels.ack) or now - asked >= RECHECK
+            or (deadline ~= nil and now >= deadline)
     elseif not lost(code) then
       return nil, notes, code
+    else
+      ask = true
     end
   end
 end
