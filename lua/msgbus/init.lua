@@ -661,6 +661,14 @@ local function maybe_acked(notes, channel)
   return false
 end
 
+-- Whether `notes` has one on `channel`.
+local function on(notes, channel)
+  for _, n in ipairs(notes) do
+    if n.channel == channel then return true end
+  end
+  return false
+end
+
 local function timed_out(what)
   return fail(what .. ": timeout", "timeout")
 end
@@ -742,25 +750,34 @@ function Bus:wait_reply(id, timeout)
   -- the connection whose session holds the wait: register again on a new one, in
   -- case a listener forgot the wait while this bus was away longer than its grace
   local held
+  local ask, asked = true, nil
   while true do
-    local rows, err, code
-    if not held or held ~= self.conn or not held:ok() then
-      held = nil
-      rows, err, code = run(self, "wait_add", id)
-      if rows then held = self.conn end
+    if ask then
+      local rows, err, code
+      asked = core.now()
+      if not held or held ~= self.conn or not held:ok() then
+        held = nil
+        rows, err, code = run(self, "wait_add", id)
+        if rows then held = self.conn end
+      end
+      if held then
+        rows, err, code = run(self, "take_reply", id)
+        if rows and rows[1] then return to_message(rows[1]) end
+      end
+      if not rows and not lost(code) then return nil, err, code end
+      if deadline and core.now() >= deadline then
+        run(self, "wait_del", id)
+        return timed_out(("no reply to %s"):format(id))
+      end
     end
-    if held then
-      rows, err, code = run(self, "take_reply", id)
-      if rows and rows[1] then return to_message(rows[1]) end
-    end
-    if not rows and not lost(code) then return nil, err, code end
-    if deadline and core.now() >= deadline then
-      run(self, "wait_del", id)
-      return timed_out(("no reply to %s"):format(id))
-    end
-    local ok
-    ok, err, code = wait_event(self, deadline, RECHECK)
-    if not ok and not lost(code) then return nil, err, code end
+    local ok, notes, code = wait_event(self, deadline, RECHECK)
+    if not ok and not lost(code) then return nil, notes, code end
+    -- Asks again after a reconnect or a timeout (no notifications), on a reply's
+    -- notification, every RECHECK seconds and at the deadline; not on an ack's or a
+    -- new message's, which also wake a bus that listens for them.
+    local now = core.now()
+    ask = not ok or not notes or #notes == 0 or on(notes, self.channels.reply)
+          or now - asked >= RECHECK or (deadline ~= nil and now >= deadline)
   end
 end
 
