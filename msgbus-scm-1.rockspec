@@ -53,6 +53,7 @@ build = {
       ["msgbus.sql.013_batch_arrival"] = "sql/013_batch_arrival.sql",
       ["msgbus.sql.014_packs"] = "sql/014_packs.sql",
       ["msgbus.sql.015_pack_rows"] = "sql/015_pack_rows.sql",
+      ["msgbus.sql.016_named_replies"] = "sql/016_named_replies.sql",
     },
   },
 }

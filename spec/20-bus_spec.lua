@@ -296,6 +296,21 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
+  -- Rows from `from` arriving in `svc`'s inbox in one transaction, written as the
+  -- apply worker writes them: one of type `mtype` for each UUID of `replies`, in order.
+  local function arrive_all(svc, from, mtype, replies)
+    local c = assert(core.connect(svc.conninfo))
+    assert(c:exec("begin"))
+    assert(c:exec("set local session_replication_role = replica"))
+    assert(c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply)"
+      .. " select $1, $2, $3, r::uuid from unnest($4::text[]) with ordinality u(r, n) order by n"):format(svc.service),
+      from.service, svc.service, mtype, "{" .. table.concat(replies, ",") .. "}"))
+    assert(c:exec("commit"))
+    c:close()
+  end
+
+  local function uuid(svc) return env.scalar(svc, "select gen_random_uuid()::text") end
+
   -- Every ack of a service notifies each of its buses that wait: a bus asks the
   -- server whether its message was acked only when a notification may be its ack's.
   it("asks after an ack only when the ack may be its message's", function()
@@ -314,19 +329,10 @@ describe("msgbus between two servers", function()
       wait = function(real, ...)
         waits = waits + 1
         if waits > 2 then return real:wait(...) end
-        local others = { env.scalar(x, "select gen_random_uuid()::text"), env.scalar(x, "select gen_random_uuid()::text") }
-        local c = assert(core.connect(x.conninfo))
-        assert(c:exec("begin"))
-        assert(c:exec("set local session_replication_role = replica"))
         -- as the apply worker writes acks: first a transaction with another
         -- message's ack, which names that one; then one with another's and this one's,
         -- whose second only an unnamed notification tells
-        assert(c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply)"
-          .. " select $1, $2, 'msgbus.ack', r::uuid from unnest($3::text[]) with ordinality u(r, n) order by n"):format(x.service),
-          y.service, x.service, waits == 1 and ("{%s}"):format(others[1])
-                                           or ("{%s,%s}"):format(others[2], id)))
-        assert(c:exec("commit"))
-        c:close()
+        arrive_all(x, y, "msgbus.ack", waits == 1 and { uuid(x) } or { uuid(x), id })
         assert.is_true(readable(real:socket()), "the ack's notification to reach the bus")
         return real:wait(...)
       end,
@@ -343,12 +349,14 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
-  it("wait_reply asks on a reply's notification, not on an ack's", function()
+  -- Every reply to a service notifies each of its buses that wait for a reply (version
+  -- 16: the first of a transaction names its message, as acks do).
+  it("wait_reply looks for its reply only when a notification may be of it", function()
     local x, y = env.linked({ "rwake", "rwakr" }, { "a", "b" })
     local b = env.connect(x)
     -- the bus listens for acks too, as one that waited for an ack does
     assert.is_true(b:wait_ack(assert(b:send(y.service, "first", {})), 30))
-    local id = env.scalar(x, "select gen_random_uuid()::text")
+    local id = uuid(x)
     local ack_ch = "msgbus_" .. x.service .. "_ack"
     local takes, waits = 0, 0
     local restore = wrap(b, {
@@ -359,12 +367,17 @@ describe("msgbus between two servers", function()
       wait = function(real, ...)
         waits = waits + 1
         if waits == 1 then
-          -- an ack of another message (a notification as the inbox trigger sends)
+          -- an ack of another message
           env.exec(x, "select pg_notify($1, gen_random_uuid()::text)", ack_ch)
         elseif waits == 2 then
-          assert(env.arrive(x, y, "answer", id, '{"n": 1}'))
+          -- a transaction with a reply to another message, which names that one
+          arrive_all(x, y, "answer", { uuid(x) })
+        elseif waits == 3 then
+          -- one with a reply to another message and then this one's, which only an
+          -- unnamed notification tells
+          arrive_all(x, y, "answer", { uuid(x), id })
         end
-        if waits <= 2 then
+        if waits <= 3 then
           assert.is_true(readable(real:socket()), "the notification to reach the bus")
         end
         return real:wait(...)
@@ -373,10 +386,13 @@ describe("msgbus between two servers", function()
     local msg = assert(b:wait_reply(id, 30))
     restore()
     assert.equal("answer", msg.type)
-    assert.equal(1, msg.data.n)
-    -- asked before it waited, not after the ack, and after the reply
-    assert.equal(2, waits)
+    assert.equal(id, msg.reply)
+    -- looked before it waited and after the unnamed notification; not after the
+    -- ack's, nor after the reply that named another message
+    assert.equal(3, waits)
     assert.equal(2, takes)
+    -- the replies to the other messages are the listeners'
+    assert.equal(2, b:listen(function(m) assert.equal("answer", m.type) end, { max = 2, timeout = 20 }))
     b:close()
   end)
 

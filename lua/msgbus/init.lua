@@ -376,7 +376,7 @@ local function absorb(self, id)
       if c == ch.ack then
         dropped.ack = dropped.ack + 1
         -- (one that names another message is not the ack of self.unseen's: see
-        -- maybe_acked)
+        -- may_be)
         local p, unseen = notes[i].payload, self.unseen
         if p == "" or p == id then hit = true end
         if unseen and (p == "" or p == unseen.id) then self.unseen = nil end
@@ -646,25 +646,20 @@ local function named(notes, channel, id)
   return false
 end
 
--- Whether a wake-up of wait_ack (without the notification that names its message)
--- can mean that the message was acked: a timeout or a new connection (no
--- notifications), or an ack notification without a name (the later acks of a
--- transaction fold into one). A notification that names another message is a
--- transaction whose first ack was that one, and whose others, if any, come as an
--- unnamed one: without this, each bus of a service that waits would ask the server
--- once for every ack of every other one.
-local function maybe_acked(notes, channel)
+-- Whether a wake-up of wait_ack or wait_reply can mean that what it waits for
+-- (message `id` acked, or a reply to it) came: a timeout or a new connection (no
+-- notifications), or a notification on `channel` that names `id` or nothing. The
+-- first ack (reply) of a transaction names its message, and the transaction's others
+-- fold into one unnamed notification; so one that names another message means that
+-- its transaction was that one's, and, if it had others, an unnamed one comes too.
+-- Without this, each bus of a service that waits would ask the server once for every
+-- ack (reply) of every other one; a notification on another channel (a bus that
+-- waits for acks and replies, or runs an event loop, listens on several) tells
+-- nothing either.
+local function may_be(notes, channel, id)
   if not notes or #notes == 0 then return true end
   for _, n in ipairs(notes) do
-    if n.channel == channel and n.payload == "" then return true end
-  end
-  return false
-end
-
--- Whether `notes` has one on `channel`.
-local function on(notes, channel)
-  for _, n in ipairs(notes) do
-    if n.channel == channel then return true end
+    if n.channel == channel and (n.payload == "" or n.payload == id) then return true end
   end
   return false
 end
@@ -712,7 +707,7 @@ function Bus:wait_ack(id, timeout)
       -- (and at least every RECHECK seconds, and once more at the deadline, while
       -- other messages' acks keep it awake)
       local now = core.now()
-      ask = maybe_acked(notes, self.channels.ack) or now - asked >= RECHECK
+      ask = may_be(notes, self.channels.ack, id) or now - asked >= RECHECK
             or (deadline ~= nil and now >= deadline)
     elseif not lost(code) then
       return nil, notes, code
@@ -772,11 +767,9 @@ function Bus:wait_reply(id, timeout)
     end
     local ok, notes, code = wait_event(self, deadline, RECHECK)
     if not ok and not lost(code) then return nil, notes, code end
-    -- Asks again after a reconnect or a timeout (no notifications), on a reply's
-    -- notification, every RECHECK seconds and at the deadline; not on an ack's or a
-    -- new message's, which also wake a bus that listens for them.
+    -- (and at least every RECHECK seconds, and once more at the deadline)
     local now = core.now()
-    ask = not ok or not notes or #notes == 0 or on(notes, self.channels.reply)
+    ask = not ok or may_be(notes, self.channels.reply, id)
           or now - asked >= RECHECK or (deadline ~= nil and now >= deadline)
   end
 end
