@@ -396,6 +396,82 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
+  -- send { await_reply = true } on a bus that listens for replies already, then
+  -- wait_reply: its session holds the wait and the reply's notification cannot be
+  -- missed, so it waits first and looks once, on the notification.
+  it("wait_reply right after a send with await_reply waits before it looks", function()
+    local x, y = env.linked({ "rfast", "rfasr" }, { "a", "b" })
+    local b, yb = env.connect(x), env.connect(y)
+    local function answer()
+      assert.equal(1, yb:listen(function(m) assert(yb:reply(m, "answer", { to = m.data.n })) end,
+                                { max = 1, timeout = 20 }))
+    end
+    -- the first request: the bus starts listening for replies in its wait_reply
+    local first = assert(b:send(y.service, "ask", { n = 1 }, { await_reply = true }))
+    answer()
+    assert.equal(1, assert(b:wait_reply(first, 30)).data.to)
+    local calls, waits = {}, 0
+    local restore = wrap(b, {
+      run = function(real, name, ...)
+        calls[name] = (calls[name] or 0) + 1
+        return real:run(name, ...)
+      end,
+      wait = function(real, ...)
+        waits = waits + 1
+        if waits == 1 then
+          answer()
+          assert.is_true(readable(real:socket()), "the reply's notification to reach the bus")
+        end
+        return real:wait(...)
+      end,
+    })
+    local id = assert(b:send(y.service, "ask", { n = 2 }, { await_reply = true }))
+    assert.equal(2, assert(b:wait_reply(id, 30)).data.to)
+    restore()
+    assert.equal(1, waits)
+    assert.is_nil(calls.wait_add)
+    assert.equal(1, calls.take_reply)
+    -- after anything else in between, it registers and looks first, as always
+    local again = assert(b:send(y.service, "ask", { n = 3 }, { await_reply = true }))
+    assert(b:exec("select 1"))
+    answer()
+    calls = {}
+    restore = wrap(b, { run = function(real, name, ...)
+      calls[name] = (calls[name] or 0) + 1
+      return real:run(name, ...)
+    end })
+    assert.equal(3, assert(b:wait_reply(again, 30)).data.to)
+    restore()
+    assert.equal(1, calls.wait_add)
+    assert.is_true(calls.take_reply >= 1)
+    b:close(); yb:close()
+  end)
+
+  it("wait_reply looks at once when the reply's notification came with its send's answer", function()
+    local x, y = env.linked({ "rcame", "rcamr" }, { "a", "b" })
+    local b = env.connect(x)
+    local _, _, code = b:wait_reply(uuid(x), 0.01)
+    assert.equal("timeout", code)
+    local waits = 0
+    local restore = wrap(b, {
+      run = function(real, name, ...)
+        local rows, err, c = real:run(name, ...)
+        if name == "send_await" and rows then
+          assert(env.arrive(x, y, "answer", rows[1].id, '{"n": 7}'))
+          assert.is_true(readable(real:socket()), "the reply's notification to reach the bus")
+          assert(real:exec("select 1"))
+        end
+        return rows, err, c
+      end,
+      wait = function(real, ...) waits = waits + 1; return real:wait(...) end,
+    })
+    local id = assert(b:send(y.service, "ask", {}, { await_reply = true }))
+    assert.equal(7, assert(b:wait_reply(id, 30)).data.n)
+    restore()
+    assert.equal(0, waits)
+    b:close()
+  end)
+
   -- On a loaded machine the whole way to the receiver and back can fit between the
   -- server's answer to a send and the client's read of it, and libpq then parses the
   -- ack's notification with the answer. The test puts it there: the send's answer

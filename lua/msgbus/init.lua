@@ -366,22 +366,24 @@ local UNLISTEN_AFTER = 1000
 
 local function absorb(self, id)
   local conn = self.conn
-  if self.depth > 0 or not conn or not conn:ok() then return false end
+  if self.depth > 0 or not conn or not conn:ok() then return false, false end
   local notes = conn:queued()
   local ch, dropped = self.channels, self.dropped
-  local hit = false
+  local acked, replied = false, false
   while #notes > 0 do
     for i = 1, #notes do
       local c = notes[i].channel
+      -- (one that names another message is not of self.unseen's: see may_be)
+      local p, unseen = notes[i].payload, self.unseen
+      local mine = p == "" or p == id
       if c == ch.ack then
         dropped.ack = dropped.ack + 1
-        -- (one that names another message is not the ack of self.unseen's: see
-        -- may_be)
-        local p, unseen = notes[i].payload, self.unseen
-        if p == "" or p == id then hit = true end
+        acked = acked or mine
         if unseen and (p == "" or p == unseen.id) then self.unseen = nil end
       elseif c == ch.reply then
         dropped.reply = dropped.reply + 1
+        replied = replied or mine
+        if unseen and (p == "" or p == unseen.id) then self.unseen = nil end
       else
         self.noted = true
       end
@@ -400,7 +402,7 @@ local function absorb(self, id)
     -- UNLISTEN's answer may come with notifications too (sent before it took effect)
     notes = conn:queued()
   end
-  return hit
+  return acked, replied
 end
 
 --- bus:exec(sql, ...) -> rows, affected | nil, err, code
@@ -497,11 +499,18 @@ local function send_one(self, receiver, mtype, json, reply, await, delay, ttl)
   -- ack's notification cannot have been missed, so wait_ack(id) may wait for it
   -- before it asks (see wait_ack), unless it came already: libpq parses what the
   -- server sent right after an answer in the same read, and on a loaded machine the
-  -- whole way to the receiver and back can fit between the two. Whatever drops a
-  -- notification that may be its ack's forgets this.
-  local came = absorb(self, id)
-  if not came and self.depth == 0 and self.listening.ack and self.conn:txstatus() == "idle" then
-    self.unseen = { id = id, conn = self.conn }
+  -- whole way to the receiver and back can fit between the two. The same for its
+  -- reply and wait_reply, when this session registered the wait (await_reply) and
+  -- listens for replies. Whatever reads or drops a notification that may be of
+  -- this message forgets this.
+  local acked, replied = absorb(self, id)
+  self.unseen = nil
+  if self.depth == 0 and self.conn:txstatus() == "idle" then
+    local for_ack = not acked and self.listening.ack
+    local for_reply = await and not replied and self.listening.reply
+    if for_ack or for_reply then
+      self.unseen = { id = id, conn = self.conn, ack = for_ack, reply = for_reply }
+    end
   end
   return id
 end
@@ -684,7 +693,7 @@ function Bus:wait_ack(id, timeout)
   -- Right after this bus sent `id` on its own (see send_one), its ack cannot have
   -- come unnoticed: wait for a notification first, which saves asking once.
   local unseen = self.unseen
-  local ask = not (unseen and unseen.id == id and unseen.conn == self.conn and self.conn:ok())
+  local ask = not (unseen and unseen.ack and unseen.id == id and unseen.conn == self.conn and self.conn:ok())
   local asked = core.now()
   while true do
     local rows, err, code
@@ -743,9 +752,14 @@ function Bus:wait_reply(id, timeout)
   local _, lerr, lcode = listen_on(self, "reply")
   if lerr and not lost(lcode) then return nil, lerr, lcode end
   -- the connection whose session holds the wait: register again on a new one, in
-  -- case a listener forgot the wait while this bus was away longer than its grace
-  local held
-  local ask, asked = true, nil
+  -- case a listener forgot the wait while this bus was away longer than its grace.
+  -- Right after this bus sent `id` with await_reply on its own, on a connection that
+  -- listened for replies already (see send_one), its session holds the wait and the
+  -- reply's notification cannot have been missed: wait for one before looking.
+  local unseen = self.unseen
+  local fast = unseen and unseen.reply and unseen.id == id and unseen.conn == self.conn and self.conn:ok()
+  local held = fast and self.conn or nil
+  local ask, asked = not fast, core.now()
   while true do
     if ask then
       local rows, err, code
