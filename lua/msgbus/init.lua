@@ -354,8 +354,10 @@ end
 -- its own messages, would pile up there for as long as it only sends (about 100
 -- bytes each, measured); so would every reply on one that called wait_reply. So
 -- the calls that do not wait drop them after their statements, outside a
--- transaction, and note what they dropped: an ack, and the next wait_ack asks
--- before it waits (self.unseen is forgotten); new messages, and bus:timeout()
+-- transaction, and note what they dropped: an ack or a reply that may be of the
+-- message self.unseen names, and the next wait_ack or wait_reply asks before it
+-- waits (self.unseen is forgotten; absorb tells send_one the same of the message it
+-- just sent); new messages, and bus:timeout()
 -- answers 0, so that an event loop steps at once (the socket will not tell it). A
 -- bus that dropped UNLISTEN_AFTER acks (replies) since it last waited for one stops
 -- listening for them, which also spares its session a wake-up for each (15 to 40 µs
@@ -372,17 +374,16 @@ local function absorb(self, id)
   local acked, replied = false, false
   while #notes > 0 do
     for i = 1, #notes do
-      local c = notes[i].channel
-      -- (one that names another message is not of self.unseen's: see may_be)
-      local p, unseen = notes[i].payload, self.unseen
-      local mine = p == "" or p == id
-      if c == ch.ack then
-        dropped.ack = dropped.ack + 1
-        acked = acked or mine
-        if unseen and (p == "" or p == unseen.id) then self.unseen = nil end
-      elseif c == ch.reply then
-        dropped.reply = dropped.reply + 1
-        replied = replied or mine
+      local c, p = notes[i].channel, notes[i].payload
+      if c == ch.ack or c == ch.reply then
+        local mine = p == "" or p == id
+        if c == ch.ack then
+          dropped.ack, acked = dropped.ack + 1, acked or mine
+        else
+          dropped.reply, replied = dropped.reply + 1, replied or mine
+        end
+        -- (one that names another message is not of self.unseen's: see may_be)
+        local unseen = self.unseen
         if unseen and (p == "" or p == unseen.id) then self.unseen = nil end
       else
         self.noted = true
