@@ -366,6 +366,12 @@ end
 -- loop waits for them on the socket.
 local UNLISTEN_AFTER = 1000
 
+-- Whether an ack's or a reply's notification with `payload` may be of message `id`:
+-- it names it, or nothing (see may_be).
+local function may_name(payload, id)
+  return payload == "" or payload == id
+end
+
 local function absorb(self, id)
   local conn = self.conn
   if self.depth > 0 or not conn or not conn:ok() then return false, false end
@@ -376,15 +382,14 @@ local function absorb(self, id)
     for i = 1, #notes do
       local c, p = notes[i].channel, notes[i].payload
       if c == ch.ack or c == ch.reply then
-        local mine = p == "" or p == id
+        local mine = may_name(p, id)
         if c == ch.ack then
           dropped.ack, acked = dropped.ack + 1, acked or mine
         else
           dropped.reply, replied = dropped.reply + 1, replied or mine
         end
-        -- (one that names another message is not of self.unseen's: see may_be)
         local unseen = self.unseen
-        if unseen and (p == "" or p == unseen.id) then self.unseen = nil end
+        if unseen and may_name(p, unseen.id) then self.unseen = nil end
       else
         self.noted = true
       end
@@ -669,9 +674,24 @@ end
 local function may_be(notes, channel, id)
   if not notes or #notes == 0 then return true end
   for _, n in ipairs(notes) do
-    if n.channel == channel and (n.payload == "" or n.payload == id) then return true end
+    if n.channel == channel and may_name(n.payload, id) then return true end
   end
   return false
+end
+
+-- Whether wait_ack (wait_reply), woken with `notes`, asks the server again: when they
+-- may be of `id`, at least every RECHECK seconds since it last `asked` (other
+-- messages' acks and replies may keep it awake), and once more at the deadline.
+local function ask_again(notes, channel, id, asked, deadline)
+  local now = core.now()
+  return may_be(notes, channel, id) or now - asked >= RECHECK or (deadline ~= nil and now >= deadline)
+end
+
+-- Whether `id` is the message this bus just sent on its own (see send_one), with
+-- nothing in between, and `what` ("ack", "reply") cannot have come unnoticed.
+local function unseen_for(self, id, what)
+  local unseen = self.unseen
+  return unseen ~= nil and unseen[what] and unseen.id == id and unseen.conn == self.conn and self.conn:ok()
 end
 
 local function timed_out(what)
@@ -693,8 +713,7 @@ function Bus:wait_ack(id, timeout)
   if lerr and not lost(lcode) then return nil, lerr, lcode end
   -- Right after this bus sent `id` on its own (see send_one), its ack cannot have
   -- come unnoticed: wait for a notification first, which saves asking once.
-  local unseen = self.unseen
-  local ask = not (unseen and unseen.ack and unseen.id == id and unseen.conn == self.conn and self.conn:ok())
+  local ask = not unseen_for(self, id, "ack")
   local asked = core.now()
   while true do
     local rows, err, code
@@ -714,11 +733,7 @@ function Bus:wait_ack(id, timeout)
     ok, notes, code = wait_event(self, deadline, RECHECK)
     if ok then
       if named(notes, self.channels.ack, id) then return true end
-      -- (and at least every RECHECK seconds, and once more at the deadline, while
-      -- other messages' acks keep it awake)
-      local now = core.now()
-      ask = may_be(notes, self.channels.ack, id) or now - asked >= RECHECK
-            or (deadline ~= nil and now >= deadline)
+      ask = ask_again(notes, self.channels.ack, id, asked, deadline)
     elseif not lost(code) then
       return nil, notes, code
     else
@@ -757,8 +772,7 @@ function Bus:wait_reply(id, timeout)
   -- Right after this bus sent `id` with await_reply on its own, on a connection that
   -- listened for replies already (see send_one), its session holds the wait and the
   -- reply's notification cannot have been missed: wait for one before looking.
-  local unseen = self.unseen
-  local fast = unseen and unseen.reply and unseen.id == id and unseen.conn == self.conn and self.conn:ok()
+  local fast = unseen_for(self, id, "reply")
   local held = fast and self.conn or nil
   local ask, asked = not fast, core.now()
   while true do
@@ -782,10 +796,7 @@ function Bus:wait_reply(id, timeout)
     end
     local ok, notes, code = wait_event(self, deadline, RECHECK)
     if not ok and not lost(code) then return nil, notes, code end
-    -- (and at least every RECHECK seconds, and once more at the deadline)
-    local now = core.now()
-    ask = not ok or may_be(notes, self.channels.reply, id)
-          or now - asked >= RECHECK or (deadline ~= nil and now >= deadline)
+    ask = not ok or ask_again(notes, self.channels.reply, id, asked, deadline)
   end
 end
 
