@@ -156,35 +156,58 @@ describe("msgbus between two servers", function()
     return function() bus.conn = real end
   end
 
+  -- A run hook for wrap that counts the statements run, by name, in `calls`.
+  local function counting(calls)
+    return function(real, name, ...)
+      calls[name] = (calls[name] or 0) + 1
+      return real:run(name, ...)
+    end
+  end
+
+  -- A run hook for wrap: after the answer of statement `stmt`, place(id) (id: the
+  -- message it sent) writes what notifies the bus, the test waits until that is at
+  -- the bus's socket, and one more statement reads it, as if it had come with the
+  -- answer.
+  local function with_answer(stmt, place)
+    return function(real, name, ...)
+      local rows, err, code = real:run(name, ...)
+      if name == stmt and rows then
+        place(rows[1].id)
+        assert.is_true(readable(real:socket()), "the notification to reach the bus")
+        assert(real:exec("select 1"))
+      end
+      return rows, err, code
+    end
+  end
+
   it("wait_ack right after a send waits for the ack's notification, which names the message", function()
     local s, r = env.linked({ "wfs", "wfr" }, { "a", "b" })
     local bus = env.connect(s)
     -- the link's workers are running (a new link's first ack can take seconds, and a
     -- wait asks again every 5 s)
     assert.is_true(bus:wait_ack(assert(bus:send(r.service, "warm", {})), 30))
-    local asks = 0
-    local restore = wrap(bus, { run = function(real, name, ...)
-      if name == "acked" then asks = asks + 1 end
-      return real:run(name, ...)
-    end })
+    local calls = {}
+    local restore = wrap(bus, { run = counting(calls) })
     local id = assert(bus:send(r.service, "first", {}))
     -- (unless the ack's notification came with the send's answer: then it asks first)
     local came = bus.unseen == nil
+    calls.acked = 0
     assert.is_true(bus:wait_ack(id, 30))
-    assert.equal(came and 1 or 0, asks)
+    assert.equal(came and 1 or 0, calls.acked)
     -- an ack that came before wait_ack was called is still found, even with no time to
     -- wait: read from the socket if its notification is there, else asked
-    asks = 0
     local late = assert(bus:send(r.service, "second", {}))
     came = bus.unseen == nil
     assert(env.poll(function() return outbox_count(s, r) == 0 end, 30), "the ack of the second message")
+    calls.acked = 0
     assert.is_true(bus:wait_ack(late, 0))
+    local asks = calls.acked
     assert.is_true(asks == 0 and not came or asks == 1, ("msgbus.acked ran %d times"):format(asks))
     -- and a wait that follows anything else asks first, as always
     assert(bus:exec("select 1"))
-    asks = 0
+    calls.acked = 0
     assert.is_true(bus:wait_ack(late, 0))
-    assert.equal(1, asks)
+    assert.equal(1, calls.acked)
     restore()
     bus:close()
   end)
@@ -250,17 +273,23 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
-  it("stops listening for replies after 1,000 went by since its last wait_reply, and listens again to wait", function()
-    local b = env.connect(store)
-    local ch = "msgbus_" .. store.service .. "_reply"
+  -- A bus of `svc` that listens for replies (its wait_reply timed out), and the channel.
+  local function listening_for_replies(svc)
+    local b = env.connect(svc)
+    local ch = "msgbus_" .. svc.service .. "_reply"
     local _, _, code = b:wait_reply("00000000-0000-4000-8000-000000000001", 0.01)
     assert.equal("timeout", code)
     assert.equal(ch, channels(b))
+    return b, ch
+  end
+
+  it("stops listening for replies after 1,000 went by since its last wait_reply, and listens again to wait", function()
+    local b, ch = listening_for_replies(store)
     -- 1,100 notifications on the channel, as 1,100 replies to the service would send
     env.exec(store, "select pg_notify($1, g::text) from generate_series(1, 1100) g", ch)
     env.wait_until(function() return channels(b) == "" end, 20, "the bus to stop listening for replies")
     assert.equal(0, #b.conn:queued())
-    _, _, code = b:wait_reply("00000000-0000-4000-8000-000000000001", 0.01)
+    local _, _, code = b:wait_reply("00000000-0000-4000-8000-000000000001", 0.01)
     assert.equal("timeout", code)
     assert.equal(ch, channels(b))
     b:close()
@@ -270,11 +299,7 @@ describe("msgbus between two servers", function()
   -- test puts one there: just before the UNLISTEN goes out, another session notifies
   -- the channel and the test waits until the notification is at the bus's socket.
   it("keeps none of the notifications that come with its UNLISTEN's answer", function()
-    local b = env.connect(store)
-    local ch = "msgbus_" .. store.service .. "_reply"
-    local _, _, code = b:wait_reply("00000000-0000-4000-8000-000000000001", 0.01)
-    assert.equal("timeout", code)
-    assert.equal(ch, channels(b))
+    local b, ch = listening_for_replies(store)
     local unlistens = 0
     local restore = wrap(b, { exec = function(real, sql, ...)
       if sql:match("^unlisten ") then
@@ -296,19 +321,6 @@ describe("msgbus between two servers", function()
     b:close()
   end)
 
-  -- Rows from `from` arriving in `svc`'s inbox in one transaction, written as the
-  -- apply worker writes them: one of type `mtype` for each UUID of `replies`, in order.
-  local function arrive_all(svc, from, mtype, replies)
-    local c = assert(core.connect(svc.conninfo))
-    assert(c:exec("begin"))
-    assert(c:exec("set local session_replication_role = replica"))
-    assert(c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply)"
-      .. " select $1, $2, $3, r::uuid from unnest($4::text[]) with ordinality u(r, n) order by n"):format(svc.service),
-      from.service, svc.service, mtype, "{" .. table.concat(replies, ",") .. "}"))
-    assert(c:exec("commit"))
-    c:close()
-  end
-
   local function uuid(svc) return env.scalar(svc, "select gen_random_uuid()::text") end
 
   -- Every ack of a service notifies each of its buses that wait: a bus asks the
@@ -320,19 +332,16 @@ describe("msgbus between two servers", function()
     -- the message stays in the outbox until the test applies its ack by hand
     local sub = ("msgbus_%s_to_%s"):format(x.service, y.service)
     env.exec(y, "alter subscription " .. sub .. " disable")
-    local asks, waits, id = 0, 0, nil
+    local calls, waits, id = { acked = 0 }, 0, nil
     local restore = wrap(b, {
-      run = function(real, name, ...)
-        if name == "acked" then asks = asks + 1 end
-        return real:run(name, ...)
-      end,
+      run = counting(calls),
       wait = function(real, ...)
         waits = waits + 1
         if waits > 2 then return real:wait(...) end
         -- as the apply worker writes acks: first a transaction with another
         -- message's ack, which names that one; then one with another's and this one's,
         -- whose second only an unnamed notification tells
-        arrive_all(x, y, "msgbus.ack", waits == 1 and { uuid(x) } or { uuid(x), id })
+        env.arrive_all(x, y, "msgbus.ack", waits == 1 and { uuid(x) } or { uuid(x), id })
         assert.is_true(readable(real:socket()), "the ack's notification to reach the bus")
         return real:wait(...)
       end,
@@ -343,7 +352,7 @@ describe("msgbus between two servers", function()
     -- it waited, woke on the other message's ack and waited again without asking,
     -- then woke on the unnamed one and asked once
     assert.equal(2, waits)
-    assert.equal(1, asks)
+    assert.equal(1, calls.acked)
     assert.equal(0, outbox_count(x, y))
     env.exec(y, "alter subscription " .. sub .. " enable")
     b:close()
@@ -358,12 +367,9 @@ describe("msgbus between two servers", function()
     assert.is_true(b:wait_ack(assert(b:send(y.service, "first", {})), 30))
     local id = uuid(x)
     local ack_ch = "msgbus_" .. x.service .. "_ack"
-    local takes, waits = 0, 0
+    local calls, waits = { take_reply = 0 }, 0
     local restore = wrap(b, {
-      run = function(real, name, ...)
-        if name == "take_reply" then takes = takes + 1 end
-        return real:run(name, ...)
-      end,
+      run = counting(calls),
       wait = function(real, ...)
         waits = waits + 1
         if waits == 1 then
@@ -371,11 +377,11 @@ describe("msgbus between two servers", function()
           env.exec(x, "select pg_notify($1, gen_random_uuid()::text)", ack_ch)
         elseif waits == 2 then
           -- a transaction with a reply to another message, which names that one
-          arrive_all(x, y, "answer", { uuid(x) })
+          env.arrive_all(x, y, "answer", { uuid(x) })
         elseif waits == 3 then
           -- one with a reply to another message and then this one's, which only an
           -- unnamed notification tells
-          arrive_all(x, y, "answer", { uuid(x), id })
+          env.arrive_all(x, y, "answer", { uuid(x), id })
         end
         if waits <= 3 then
           assert.is_true(readable(real:socket()), "the notification to reach the bus")
@@ -390,7 +396,7 @@ describe("msgbus between two servers", function()
     -- looked before it waited and after the unnamed notification; not after the
     -- ack's, nor after the reply that named another message
     assert.equal(3, waits)
-    assert.equal(2, takes)
+    assert.equal(2, calls.take_reply)
     -- the replies to the other messages are the listeners'
     assert.equal(2, b:listen(function(m) assert.equal("answer", m.type) end, { max = 2, timeout = 20 }))
     b:close()
@@ -412,10 +418,7 @@ describe("msgbus between two servers", function()
     assert.equal(1, assert(b:wait_reply(first, 30)).data.to)
     local calls, waits = {}, 0
     local restore = wrap(b, {
-      run = function(real, name, ...)
-        calls[name] = (calls[name] or 0) + 1
-        return real:run(name, ...)
-      end,
+      run = counting(calls),
       wait = function(real, ...)
         waits = waits + 1
         if waits == 1 then
@@ -436,10 +439,7 @@ describe("msgbus between two servers", function()
     assert(b:exec("select 1"))
     answer()
     calls = {}
-    restore = wrap(b, { run = function(real, name, ...)
-      calls[name] = (calls[name] or 0) + 1
-      return real:run(name, ...)
-    end })
+    restore = wrap(b, { run = counting(calls) })
     assert.equal(3, assert(b:wait_reply(again, 30)).data.to)
     restore()
     assert.equal(1, calls.wait_add)
@@ -449,20 +449,10 @@ describe("msgbus between two servers", function()
 
   it("wait_reply looks at once when the reply's notification came with its send's answer", function()
     local x, y = env.linked({ "rcame", "rcamr" }, { "a", "b" })
-    local b = env.connect(x)
-    local _, _, code = b:wait_reply(uuid(x), 0.01)
-    assert.equal("timeout", code)
+    local b = listening_for_replies(x)
     local waits = 0
     local restore = wrap(b, {
-      run = function(real, name, ...)
-        local rows, err, c = real:run(name, ...)
-        if name == "send_await" and rows then
-          assert(env.arrive(x, y, "answer", rows[1].id, '{"n": 7}'))
-          assert.is_true(readable(real:socket()), "the reply's notification to reach the bus")
-          assert(real:exec("select 1"))
-        end
-        return rows, err, c
-      end,
+      run = with_answer("send_await", function(id) assert(env.arrive(x, y, "answer", id, '{"n": 7}')) end),
       wait = function(real, ...) waits = waits + 1; return real:wait(...) end,
     })
     local id = assert(b:send(y.service, "ask", {}, { await_reply = true }))
@@ -484,15 +474,7 @@ describe("msgbus between two servers", function()
     env.exec(y, "alter subscription " .. sub .. " disable")
     local waits = 0
     local restore = wrap(b, {
-      run = function(real, name, ...)
-        local rows, err, code = real:run(name, ...)
-        if name == "send" and rows then
-          assert(env.arrive(x, y, "msgbus.ack", rows[1].id))
-          assert.is_true(readable(real:socket()), "the ack's notification to reach the bus")
-          assert(real:exec("select 1"))
-        end
-        return rows, err, code
-      end,
+      run = with_answer("send", function(id) assert(env.arrive(x, y, "msgbus.ack", id)) end),
       wait = function(real, ...) waits = waits + 1; return real:wait(...) end,
     })
     local id = assert(b:send(y.service, "held", {}))

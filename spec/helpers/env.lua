@@ -131,19 +131,38 @@ end
 -- `reply` a UUID or nil, `data` JSON text or nil (the column's default, {}), `id` a
 -- UUID or nil (the column's default). Returns true, or nil and the error (rolled
 -- back).
-function env.arrive(svc, from, mtype, reply, data, id)
+-- fn(c) on a new connection to `svc`, in a transaction of its own that writes as the
+-- apply worker does (session_replication_role = replica): committed if fn returns a
+-- true value, else rolled back. Returns what fn returned.
+local function as_apply_worker(svc, fn)
   local c = assert(core.connect(svc.conninfo))
   assert(c:exec("begin"))
   assert(c:exec("set local session_replication_role = replica"))
-  -- (the id as a sixth parameter only when given: exec sends every argument it gets)
-  local params = table.pack(from.service, svc.service, mtype, reply, data)
-  if id then params[6], params.n = id, 6 end
-  local ok, err = c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply, data, id)"
-    .. " values ($1, $2, $3, $4::uuid, coalesce($5::jsonb, '{}'), %s)"):format(svc.service, id and "$6::uuid" or "default"),
-    table.unpack(params, 1, params.n))
+  local ok, err = fn(c)
   assert(c:exec(ok and "commit" or "rollback"))
   c:close()
   return ok, err
+end
+
+function env.arrive(svc, from, mtype, reply, data, id)
+  return as_apply_worker(svc, function(c)
+    -- (the id as a sixth parameter only when given: exec sends every argument it gets)
+    local params = table.pack(from.service, svc.service, mtype, reply, data)
+    if id then params[6], params.n = id, 6 end
+    return c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply, data, id)"
+      .. " values ($1, $2, $3, $4::uuid, coalesce($5::jsonb, '{}'), %s)"):format(svc.service, id and "$6::uuid" or "default"),
+      table.unpack(params, 1, params.n))
+  end)
+end
+
+-- Rows from `from` arriving in `svc`'s inbox in one transaction, written as the apply
+-- worker writes them: one of type `mtype` for each UUID of `replies`, in order.
+function env.arrive_all(svc, from, mtype, replies)
+  assert(as_apply_worker(svc, function(c)
+    return c:exec(("insert into msgbus.to_%s (sender, receiver, type, reply)"
+      .. " select $1, $2, $3, r::uuid from unnest($4::text[]) with ordinality u(r, n) order by n"):format(svc.service),
+      from.service, svc.service, mtype, "{" .. table.concat(replies, ",") .. "}")
+  end))
 end
 
 -- A new service with its own database on the cluster object `c` (env.service takes
