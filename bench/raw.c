@@ -28,8 +28,10 @@
  *                                            "n s1 .. sn" (seconds each)
  *   raw listen N RECV                        consume N as they come: "n s1 .. sn" (send ->
  *                                            row in hand); prints "ready PID" first
- *   raw inserts N SEND [exact]               N single-row transactions: elapsed rate
- *                                            (exact: into ex_out)
+ *   raw inserts N SEND [exact|paused]        N single-row transactions: elapsed rate
+ *                                            (exact: into ex_out; paused: the receiving
+ *                                            subscription is disabled, so it does not
+ *                                            wait for the last ack, which cannot come)
  *   raw batch N SEND RECV plain|raw          N rows in one transaction: send_s deliver_s
  *   raw consume N RECV                       DELETE .. RETURNING, one row per
  *                                            transaction: elapsed rate
@@ -375,7 +377,7 @@ static int cmd_latency(long n, long warm, const char *send_ci)
 	return 0;
 }
 
-static int cmd_inserts(long n, const char *send_ci, int exact)
+static int cmd_inserts(long n, const char *send_ci, int exact, int paused)
 {
 	PGconn *c = db_connect(send_ci);
 	char id[64] = "";
@@ -389,8 +391,9 @@ static int cmd_inserts(long n, const char *send_ci, int exact)
 		send_one(c, data, id, sizeof id);
 	}
 	elapsed = now() - t0;
-	/* not timed: let replication catch up so the next figure starts quiet */
-	if (n > 0)
+	/* not timed: let replication catch up so the next figure starts quiet (when
+	 * paused, run.lua waits once it has enabled the subscription again) */
+	if (n > 0 && !paused)
 		wait_ack(c, id, 0);
 	printf("%.9f %.3f\n", elapsed, elapsed > 0 ? (double)n / elapsed : NAN);
 	PQfinish(c);
@@ -512,7 +515,7 @@ static int cmd_consume(long n, const char *recv_ci)
 
 static void usage(void)
 {
-	die("usage: raw setup SEND RECV | latency N WARM SEND | listen N RECV | inserts N SEND [exact]"
+	die("usage: raw setup SEND RECV | latency N WARM SEND | listen N RECV | inserts N SEND [exact|paused]"
 	    " | batch N SEND RECV plain|raw | consume N RECV");
 }
 
@@ -527,9 +530,11 @@ int main(int argc, char **argv)
 	if (strcmp(argv[1], "listen") == 0 && argc == 4)
 		return cmd_listen(arg_count(argv[2]), argv[3]);
 	if (strcmp(argv[1], "inserts") == 0 && argc == 4)
-		return cmd_inserts(arg_count(argv[2]), argv[3], 0);
+		return cmd_inserts(arg_count(argv[2]), argv[3], 0, 0);
 	if (strcmp(argv[1], "inserts") == 0 && argc == 5 && strcmp(argv[4], "exact") == 0)
-		return cmd_inserts(arg_count(argv[2]), argv[3], 1);
+		return cmd_inserts(arg_count(argv[2]), argv[3], 1, 0);
+	if (strcmp(argv[1], "inserts") == 0 && argc == 5 && strcmp(argv[4], "paused") == 0)
+		return cmd_inserts(arg_count(argv[2]), argv[3], 0, 1);
 	if (strcmp(argv[1], "batch") == 0 && argc == 6)
 		return cmd_batch(arg_count(argv[2]), argv[3], argv[4], argv[5]);
 	if (strcmp(argv[1], "consume") == 0 && argc == 4)

@@ -433,14 +433,30 @@ local function phase_latency()
   R.lat_nol, R.raw_lat_nol = summary(m0), summary(r0)
 end
 
+-- luasql for figure 2: a connection to the baseline's sending database, or nil when
+-- luasql.postgres is not loadable; and n INSERTs through it, a simple query each,
+-- timed, with the id of the last.
+local function luasql_open()
+  if not luasql_ok then return nil end
+  local env = luasql.postgres()
+  return env, check(env:connect(rawsend))
+end
+
+local function luasql_inserts(conn, n)
+  local t0, id = core.now(), nil
+  for i = 1, n do
+    local cur = check(conn:execute(
+      ("insert into public.raw_out (type, data) values ('bench', '{\"n\": %d}') returning id"):format(i)))
+    id = cur:fetch()
+    cur:close()
+  end
+  return core.now() - t0, id
+end
+
 -- 2. Single-message sends, one transaction each, in turns.
 local function phase_sends()
   local b = math.max(1, N.sends // ROUNDS)
-  local env, conn
-  if luasql_ok then
-    env = luasql.postgres()
-    conn = check(env:connect(rawsend))
-  end
+  local env, conn = luasql_open()
   local t_m, t_r, t_l, t_x = 0, 0, 0, 0
   R.cpu_sends = { m = cpu_acc(), r = cpu_acc(), x = cpu_acc() }
   -- Nothing listens for the store's acks while its sends are timed, as nothing
@@ -481,15 +497,8 @@ local function phase_sends()
 
     if conn then
       quiet()
-      t0 = core.now()
-      local id
-      for i = 1, b do
-        local cur = check(conn:execute(
-          ("insert into public.raw_out (type, data) values ('bench', '{\"n\": %d}') returning id"):format(i)))
-        id = cur:fetch()
-        cur:close()
-      end
-      t_l = t_l + core.now() - t0
+      local dt, id = luasql_inserts(conn, b)
+      t_l = t_l + dt
       local deadline = core.now() + 300
       while not sql(rawsend, "select 1 as x from public.raw_ack where id = $1::uuid", id)[1] do
         if core.now() > deadline then error("luasql sends: no ack after 300 s") end
@@ -506,6 +515,83 @@ local function phase_sends()
     R.luasql_sends = b * ROUNDS / t_l
   else
     R.luasql_sends = "n/a (luasql.postgres not loadable: " .. tostring(luasql):match("^[^\n]*") .. ")"
+  end
+end
+
+-- Figure 2 again with replication paused: the subscriptions that bring the store's
+-- messages to payments and the baseline's rows to rawrecv are disabled while the
+-- sends are timed, so that no walsender, apply worker or ack shares the machine with
+-- the sending session: what a send costs the sender itself (its statement, its
+-- commit and fsync, the client), for msgbus, prepared INSERTs over libpq and luasql.
+-- Nothing is lost: the slots keep the WAL, and once the subscriptions are enabled
+-- again every message arrives and is acked before the next phase (untimed).
+
+-- the subscriptions that bring the store's messages and the baseline's rows (both on b)
+local function paused_subs()
+  return { { payments.conninfo, "msgbus_store_to_payments" }, { rawrecv, "raw_to_recv" } }
+end
+
+local function set_subscriptions(on)
+  local names = {}
+  for _, x in ipairs(paused_subs()) do
+    sql(x[1], ("alter subscription %s %s"):format(x[2], on and "enable" or "disable"))
+    names[#names + 1] = x[2]
+  end
+  if on then return end
+  -- a disabled subscription's worker exits soon after (and with it the walsender)
+  local deadline = core.now() + 30
+  while sql(payments.conninfo, "select 1 as x from pg_stat_subscription where subname = any($1::text[]) and pid is not null",
+            "{" .. table.concat(names, ",") .. "}")[1] do
+    if core.now() > deadline then error("2. sends with replication paused: the subscriptions' workers did not stop in 30 s") end
+    core.sleep(0.05)
+  end
+end
+
+local function raw_acks()
+  return tonumber(sql(rawsend, "select count(*) as n from public.raw_ack")[1].n)
+end
+
+local function phase_sends_paused()
+  local b = math.max(1, N.sends // ROUNDS)
+  local env, conn = luasql_open()
+  quiet("2. sends, replication paused")
+  local t_m, t_r, t_l = 0, 0, 0
+  local acks0, raw_sent, last = raw_acks(), 0, nil
+  local pbus = check(msgbus.connect(store.conninfo))  -- a bus that only sends, as in figure 2
+  set_subscriptions(false)
+  local ok, err = xpcall(function()
+    for round = 1, ROUNDS do
+      log("2. sends with replication paused, round %d of %d: %d each through bus:send, libpq, luasql", round, ROUNDS, b)
+      local t0 = core.now()
+      for i = 1, b do last = check(pbus:send("payments", "bench", { n = i })) end
+      t_m = t_m + core.now() - t0
+      sent = sent + b
+      t_r = t_r + raw("inserts", b, rawsend, "paused")[1]
+      raw_sent = raw_sent + b
+      if conn then
+        t_l = t_l + luasql_inserts(conn, b)
+        raw_sent = raw_sent + b
+      end
+    end
+  end, debug.traceback)
+  pbus:close()
+  set_subscriptions(true)
+  if not ok then error(err, 0) end
+  -- untimed: every message arrives and is acked before the next phase
+  log("2. sends with replication paused: catching up")
+  await_ack(last, 300)
+  local deadline = core.now() + 300
+  while raw_acks() < acks0 + raw_sent do
+    if core.now() > deadline then error("2. sends with replication paused: the baseline's acks did not come in 300 s") end
+    core.sleep(0.05)
+  end
+  R.p_sends, R.p_raw_sends = b * ROUNDS / t_m, b * ROUNDS / t_r
+  if conn then
+    conn:close()
+    env:close()
+    R.p_luasql_sends = b * ROUNDS / t_l
+  else
+    R.p_luasql_sends = R.luasql_sends
   end
 end
 
@@ -1206,6 +1292,9 @@ local function report(total)
   row("2. single-message sends [raw: luasql INSERT]", R.sends, R.luasql_sends, "msg/s", "%.0f")
   row("2. single-message sends [raw exactly-once: dedup, an ack that removes the row]", R.sends, R.exact_sends,
       "msg/s", "%.0f")
+  row("2. single-message sends, replication paused [raw: libpq prepared INSERT]", R.p_sends, R.p_raw_sends,
+      "msg/s", "%.0f")
+  row("2. single-message sends, replication paused [raw: luasql INSERT]", R.p_sends, R.p_luasql_sends, "msg/s", "%.0f")
   local big, rb, s = R.big, R.raw_big, R.small
   local bn = k(big.n)
   local why_ack = not big.ack and ("n/a: gave up after %.0f s, %d of %d acked"):format(big.gave_up, big.n_acked, big.n)
@@ -1310,6 +1399,12 @@ local function report(total)
       R.cpu_sends.x.busy / R.cpu_sends.x.wall))
   print(("- sends: %d rounds of %d through each of bus:send, libpq, libpq exactly-once and luasql")
     :format(ROUNDS, N.sends // ROUNDS))
+  if type(R.luasql_sends) == "number" and type(R.p_luasql_sends) == "number" then
+    print(("- sends, the baseline against luasql in the same run: libpq prepared INSERTs %.2f of luasql's rate with"
+      .. " replication running, %.2f with it paused (%d rounds of %d each, the receiving subscriptions of msgbus"
+      .. " and of the baseline disabled while they ran)")
+      :format(R.raw_sends / R.luasql_sends, R.p_raw_sends / R.p_luasql_sends, ROUNDS, N.sends // ROUNDS))
+  end
   for _, b in ipairs { s, big } do
     local seg = {}
     for i = 2, #b.marks do
@@ -1457,6 +1552,7 @@ local ok, err = xpcall(function()
   CLK_TCK = tonumber(sh("getconf CLK_TCK")) or CLK_TCK
   phase_latency()
   phase_sends()
+  phase_sends_paused()
   phase_consume()
   phase_fanin()
   phase_batches()
