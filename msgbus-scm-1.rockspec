@@ -54,6 +54,7 @@ build = {
       ["msgbus.sql.014_packs"] = "sql/014_packs.sql",
       ["msgbus.sql.015_pack_rows"] = "sql/015_pack_rows.sql",
       ["msgbus.sql.016_named_replies"] = "sql/016_named_replies.sql",
+      ["msgbus.sql.017_type_check"] = "sql/017_type_check.sql",
     },
   },
 }

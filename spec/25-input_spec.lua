@@ -122,6 +122,45 @@ describe("bad input", function()
     assert.equal(0, env.scalar(a, "select count(*)::int8 from msgbus.messages"))
   end)
 
+  it("checks a type in SQL by bus:send's rule, a message's and a pack's (version 17's test)", function()
+    -- the rule: 1 to 63 characters, an ASCII letter first, then letters, digits or
+    -- _ . : -, and not msgbus.* (a type that is not ASCII fails the pattern, so
+    -- counting bytes here and characters in SQL agrees)
+    local function allowed(t)
+      return #t <= 63 and t:match("^[A-Za-z][A-Za-z0-9_.:%-]*$") ~= nil and t:sub(1, 7) ~= "msgbus."
+    end
+    local cases = { "a", "Z", "a-b.c:d_e9", "", "1a", "_a", ".a", "a b", "msgbus.x", "msgbus.", "msgbus",
+      "msgbusx", "Msgbus.x", "msgbus:x", "xmsgbus.x", "é", "aé", "a\n", "a'", "a$", "a/b", "a" .. ("é"):rep(31) }
+    for _, n in ipairs { 62, 63, 64, 65 } do
+      cases[#cases + 1] = "t" .. ("x"):rep(n - 1)
+      cases[#cases + 1] = "msgbus." .. ("x"):rep(n - 7)
+    end
+    -- and strings made at random from pieces of types, every other one after a letter
+    -- (a fixed seed: the same ones each run)
+    local pieces = { "a", "Z", "k", "0", "9", "_", ".", ":", "-", "msgbus.", "xxxxxxxxxx", " ", "é", "/" }
+    local rng = 17
+    local function random(n) rng = (rng * 1103515245 + 12345) % 2147483648; return rng % n + 1 end
+    for i = 1, 300 do
+      local parts = { i % 2 == 0 and "t" or nil }
+      for _ = 1, random(12) - 1 do parts[#parts + 1] = pieces[random(#pieces)] end
+      cases[#cases + 1] = table.concat(parts)
+    end
+    local pack_id = "00000000-0000-4000-8000-000000000001"
+    local taken = 0
+    for _, t in ipairs(cases) do
+      local ok, err = bus:exec("select msgbus.valid_message($1, null, '{}') as v", t)
+      assert.equal(allowed(t), ok ~= nil, ("type %q: %s"):format(t, tostring(err)))
+      if not ok then assert.matches("invalid message type", err) end
+      local pack = msgbus.encode({ type = t, ids = { pack_id }, data = { {} } })
+      ok, err = bus:exec("select msgbus.valid_message('msgbus.pack', null, $1::jsonb) as v", pack)
+      assert.equal(allowed(t), ok ~= nil, ("pack type %q: %s"):format(t, tostring(err)))
+      if not ok then assert.matches("invalid message type .* in a pack", err) end
+      if allowed(t) then taken = taken + 1 end
+    end
+    -- the corpus holds both kinds
+    assert.is_true(taken >= 30 and #cases - taken >= 30, ("%d of %d allowed"):format(taken, #cases))
+  end)
+
   it("raises for any use of a closed bus", function()
     local c = env.connect(a)
     c:close()

@@ -11,7 +11,7 @@ local INSTALL_LOCK = 0x6d736762 -- "msgb"
 local MIGRATIONS = { "001_schema", "002_repair", "003_claim", "004_passfile", "005_fast_arrival",
                      "006_fast_ack_check", "007_apply_cost", "008_claim_batch", "009_wait_owner",
                      "010_claim_walk", "011_ordered_ids", "012_batched_acks", "013_batch_arrival",
-                     "014_packs", "015_pack_rows", "016_named_replies" }
+                     "014_packs", "015_pack_rows", "016_named_replies", "017_type_check" }
 
 local function fail(msg, code)
   return nil, "msgbus: " .. msg, code
