@@ -341,7 +341,16 @@ select msgbus.service() as service,
        (select count(*) from msgbus.dead_letters)::int8 as dead_letters,
        pg_notification_queue_usage()::float8 as notify_queue_usage,
        (select coalesce(string_agg(pid::text, ',' order by pid), '') from pg_stat_activity
-         where datname = current_database() and state = 'idle' and wait_event = 'ClientWrite') as unread]]
+         where datname = current_database() and state = 'idle' and wait_event = 'ClientWrite') as unread,
+       (select t.tgenabled::text from pg_trigger t
+         where t.tgrelid = to_regclass(format('msgbus.%I', 'to_' || msgbus.service()))
+           and t.tgname = 'arrival') as arrival]]
+
+-- The inbox trigger (msgbus.on_arrival) checks, deduplicates, acknowledges and
+-- announces every arriving message. The apply worker runs as a replica, so it fires
+-- only when enabled ALWAYS; a plain ENABLE TRIGGER makes it local only, and then
+-- arrivals land unchecked and unacknowledged, and their senders' outboxes only grow.
+local TRIGGER_MODES = { A = "always", O = "local only", R = "replica only", D = "disabled" }
 
 -- The service's state as one table (the --json shape), with the problems found.
 -- PostgreSQL starts a new subscription's worker within wal_retrieve_retry_interval
@@ -358,9 +367,17 @@ local function collect_status(bus, max_ack_age)
   local status = {
     service = totals.service, inbox = totals.inbox, dead_letters = totals.dead_letters,
     notify_queue_usage = totals.notify_queue_usage, unread_sessions = unread,
+    inbox_trigger = TRIGGER_MODES[totals.arrival] or "missing",
     max_ack_age = max_ack_age, peers = json_array {}, problems = json_array {},
   }
   local problems = status.problems
+  if status.inbox_trigger ~= "always" then
+    local me = totals.service
+    problems[#problems + 1] = ("the inbox trigger is %s: arriving messages are taken unchecked, without dedup or"
+      .. " acknowledgement (%s)"):format(status.inbox_trigger, status.inbox_trigger == "missing"
+        and ("as the schema's owner: select msgbus.arrival_trigger('to_%s', '%s')"):format(me, me)
+        or ("alter table msgbus.to_%s enable always trigger arrival"):format(me))
+  end
   if #unread > 0 then
     problems[#problems + 1] = ("sessions that do not read their notifications hold back the server's notification"
       .. " queue (%.4f %% full; NOTIFY, which every arrival runs, fails when it is full): pid %s"
