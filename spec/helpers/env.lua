@@ -126,14 +126,9 @@ function env.listen_tx_sizes(bus, opts)
   return sizes, got
 end
 
--- One row arriving in `svc`'s inbox from `from`, written as the apply worker writes
--- it (session_replication_role = replica), in a transaction of its own: type `mtype`,
--- `reply` a UUID or nil, `data` JSON text or nil (the column's default, {}), `id` a
--- UUID or nil (the column's default). Returns true, or nil and the error (rolled
--- back).
 -- fn(c) on a new connection to `svc`, in a transaction of its own that writes as the
 -- apply worker does (session_replication_role = replica): committed if fn returns a
--- true value, else rolled back. Returns what fn returned.
+-- true value, else rolled back. Returns fn's first two results.
 local function as_apply_worker(svc, fn)
   local c = assert(core.connect(svc.conninfo))
   assert(c:exec("begin"))
@@ -144,6 +139,11 @@ local function as_apply_worker(svc, fn)
   return ok, err
 end
 
+-- One row arriving in `svc`'s inbox from `from`, written as the apply worker writes
+-- it (session_replication_role = replica), in a transaction of its own: type `mtype`,
+-- `reply` a UUID or nil, `data` JSON text or nil (the column's default, {}), `id` a
+-- UUID or nil (the column's default). Returns true, or nil and the error (rolled
+-- back).
 function env.arrive(svc, from, mtype, reply, data, id)
   return as_apply_worker(svc, function(c)
     -- (the id as a sixth parameter only when given: exec sends every argument it gets)
